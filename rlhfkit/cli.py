@@ -1,0 +1,110 @@
+"""The `rlhfkit` command. Every step reads one YAML config; `--field value` overrides any field.
+
+    rlhfkit sft --config sft.yaml --learning_rate 1e-4 --lora.enabled true
+    rlhfkit generate --model runs/sft --prompts prompts.jsonl
+    rlhfkit config-doc sft
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import ConfigError, describe, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="RLHF for causal language models: SFT -> reward model -> PPO, and the human feedback around them.")
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config of the run (all fields have defaults).")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(cls, config: Optional[Path], extra: list[str]):
+    try:
+        return load_config(cls, config, extra)
+    except ConfigError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2)
+
+
+def _config_classes() -> dict[str, type]:
+    from . import config as c
+
+    return {name: getattr(c, cls) for name, cls in CONFIGS.items() if hasattr(c, cls)}
+
+
+CONFIGS = {"sft": "SFTConfig", "generate": "GenerateConfig"}
+
+
+@app.command(context_settings=OVERRIDES)
+def sft(ctx: typer.Context, config: Optional[Path] = ConfigOpt):
+    """Step 1: supervised fine-tuning on demonstrations (loss on response tokens only)."""
+    from .config import SFTConfig
+    from .sft import run_sft
+
+    _setup_logging()
+    cfg = _load(SFTConfig, config, ctx.args)
+    out = _run_guarded(lambda: run_sft(cfg))
+    typer.echo(f"SFT model: {out}\nmetrics: {Path(cfg.output_dir) / 'metrics.jsonl'} (TensorBoard: {Path(cfg.output_dir) / 'tb'})")
+
+
+@app.command(context_settings=OVERRIDES)
+def generate(
+    ctx: typer.Context,
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[str] = typer.Option(None, help="Run folder, model folder, hub id or 'default'."),
+    prompts: Optional[str] = typer.Option(None, help="Prompts JSONL."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output JSONL."),
+):
+    """Sample responses to prompts and write them as JSONL."""
+    from .config import GenerateConfig
+    from .generate import run_generate
+
+    _setup_logging()
+    extra = list(ctx.args)
+    for name, value in (("model", model), ("prompts", prompts), ("output", output)):
+        if value is not None:
+            extra += [f"--{name}", value]
+    cfg = _load(GenerateConfig, config, extra)
+    out = _run_guarded(lambda: run_generate(cfg))
+    typer.echo(f"responses: {out}")
+
+
+@app.command("config-doc")
+def config_doc(step: str = typer.Argument(..., help="Which config: " + ", ".join(CONFIGS))):
+    """Print every field of a step's config with its default and documentation."""
+    classes = _config_classes()
+    if step not in classes:
+        typer.secho(f"unknown step '{step}'; choose from {', '.join(classes)}", fg="red", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"# {classes[step].__doc__.strip().splitlines()[0]}")
+    typer.echo("\n".join(describe(classes[step])))
+
+
+def _run_guarded(fn):
+    """Run a step; known user errors become one red line instead of a traceback."""
+    from .data import DataError
+    from .models import ModelNotFoundError
+    from .training import NonFiniteError
+
+    try:
+        return fn()
+    except (DataError, ModelNotFoundError, NonFiniteError, ConfigError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

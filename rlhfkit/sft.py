@@ -1,0 +1,178 @@
+"""Step 1: supervised fine-tuning (SFT) on demonstrations.
+
+The loss is the next-token cross-entropy on response tokens and the EOS that ends each
+response; prompt tokens (the chat-template-rendered conversation) carry no loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import SFTConfig
+from .data import load_demonstrations, split_by_prompt
+from .models import backbone_and_head, load_causal_lm, load_tokenizer, save_model
+from .tokens import IGNORE_INDEX, Example, collate, encode_example, pack
+from .training import (
+    DataPlan,
+    RunDir,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    reduce_and_finish,
+    save_run_config,
+    seed_everything,
+    total_steps_for,
+    train_supervised,
+)
+
+log = logging.getLogger("rlhfkit.sft")
+
+
+class ResponseLoss(torch.nn.Module):
+    """Wraps a causal LM; forward returns the summed cross-entropy over trained tokens.
+
+    Logits are computed only at positions whose next token has a label, so a long prompt costs
+    no vocabulary-sized logits. It is a module (not a function) so DDP sees an ordinary forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        backbone, head = backbone_and_head(self.model)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX  # position t predicts token t+1
+        logits = head(hidden[:, :-1][keep]).float()
+        target = targets[keep]
+        loss_sum = F.cross_entropy(logits, target, reduction="sum")
+        correct = (logits.argmax(-1) == target).sum()
+        return loss_sum, keep.sum(), correct
+
+
+def trained_tokens(example: Example) -> int:
+    return sum(1 for t in example.labels[1:] if t != IGNORE_INDEX)
+
+
+def encode_all(tokenizer, demos, cfg: SFTConfig) -> tuple[list[Example], int]:
+    examples = [encode_example(tokenizer, d.messages, d.response, cfg.max_length, cfg.max_prompt_share) for d in demos]
+    return examples, sum(e.truncated for e in examples)
+
+
+def batch_to_inputs(micro: list, pad_token_id: int, device) -> dict[str, torch.Tensor]:
+    """A micro-batch of Examples (right-padded) or of packed rows, as model inputs."""
+    if isinstance(micro[0], Example):
+        batch = collate(micro, pad_token_id)
+    else:  # packed rows: pad to the longest row; padding is its own masked segment
+        length = max(r["input_ids"].shape[1] for r in micro)
+
+        def padded(key, value):
+            return torch.cat([torch.nn.functional.pad(r[key], (0, length - r[key].shape[1]), value=value) for r in micro])
+
+        pos = torch.cat(
+            [torch.cat([r["position_ids"], torch.arange(length - r["position_ids"].shape[1])[None]], 1) for r in micro]
+        )
+        batch = {"input_ids": padded("input_ids", pad_token_id), "labels": padded("labels", IGNORE_INDEX), "position_ids": pos}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> Path:
+    """Train, evaluate and save; returns the folder of the final model. Resumes if interrupted."""
+    run = RunDir(cfg.output_dir)
+    if run.is_done():
+        log.info("%s is complete; nothing to do", run.final)
+        return run.final
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    if accelerator.is_main_process:
+        save_run_config(cfg, run)
+
+    tokenizer = load_tokenizer(cfg.model)
+    demos = load_demonstrations(cfg.data)
+    if cfg.eval_data is not None:
+        train_demos, eval_demos = demos, load_demonstrations(cfg.eval_data)
+    else:
+        train_demos, eval_demos = split_by_prompt(demos, cfg.eval_fraction, seed=cfg.seed)
+    train_examples, n_cut = encode_all(tokenizer, train_demos, cfg)
+    eval_examples, n_cut_eval = encode_all(tokenizer, eval_demos[: cfg.max_eval_examples], cfg)
+    log.info(
+        "SFT data: %d train / %d eval demonstrations; %d train and %d eval examples truncated to %d tokens",
+        len(train_examples), len(eval_examples), n_cut, n_cut_eval, cfg.max_length,
+    )  # fmt: skip
+    if not train_examples:
+        raise ValueError(f"{cfg.data}: no training demonstrations")
+
+    items = pack(train_examples, cfg.max_length, tokenizer.pad_token_id) if cfg.packing else train_examples
+
+    def weight(item) -> float:
+        return float(trained_tokens(item) if isinstance(item, Example) else (item["labels"][0, 1:] != IGNORE_INDEX).sum())
+
+    plan = DataPlan(
+        items=items,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        seed=cfg.seed,
+        weight=weight,
+    )
+    model = load_causal_lm(cfg.model, tokenizer, dropout=cfg.dropout, lora=cfg.lora)
+    wrapped = ResponseLoss(model)
+    optimizer = make_optimizer(wrapped, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps_for(plan, cfg))
+    wrapped, optimizer, scheduler = accelerator.prepare(wrapped, optimizer, scheduler)
+    pad_id = tokenizer.pad_token_id
+
+    def loss_fn(module, micro):
+        loss_sum, n_tokens, correct = module(**batch_to_inputs(micro, pad_id, accelerator.device))
+        stats = {"loss_sum": loss_sum.item(), "loss_count": n_tokens.item(), "tokens": n_tokens.item()}
+        stats.update(token_accuracy_sum=correct.item(), token_accuracy_count=n_tokens.item())
+        return loss_sum, stats
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        wrapped.eval()
+        stats = {"loss_sum": 0.0, "loss_count": 0.0}
+        shard = eval_examples[accelerator.process_index :: accelerator.num_processes]
+        for i in range(0, len(shard), cfg.batch_size):
+            with accelerator.autocast():
+                loss_sum, n_tokens, _ = wrapped(**batch_to_inputs(shard[i : i + cfg.batch_size], pad_id, accelerator.device))
+            stats["loss_sum"] += loss_sum.item()
+            stats["loss_count"] += n_tokens.item()
+        out = reduce_and_finish(accelerator, stats)
+        out["perplexity"] = math.exp(min(out["loss"], 50.0)) if out.get("loss") == out.get("loss") else float("nan")
+        if accelerator.is_main_process:
+            log.info("eval loss %.4f  perplexity %.2f", out["loss"], out["perplexity"])
+        return out
+
+    result = train_supervised(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=wrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        plan=plan,
+        loss_fn=loss_fn,
+        evaluate=evaluate,
+        run=run,
+        desc="sft",
+        stop_after=stop_after,
+    )
+    if stop_after is not None and result.steps < total_steps_for(plan, cfg):
+        return run.path
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(wrapped).model
+        save_model(trained, tokenizer, run.final, merge_lora=cfg.lora.merge_on_save)
+        evals = result.evals
+        if evals:
+            log.info("eval loss: first %.4f -> last %.4f", evals[0]["loss"], evals[-1]["loss"])
+    accelerator.wait_for_everyone()
+    return run.final
