@@ -41,7 +41,7 @@ def _config_classes() -> dict[str, type]:
     return {name: getattr(c, cls) for name, cls in CONFIGS.items() if hasattr(c, cls)}
 
 
-CONFIGS = {"sft": "SFTConfig", "generate": "GenerateConfig"}
+CONFIGS = {"sft": "SFTConfig", "generate": "GenerateConfig", "reward": "RewardConfig"}
 
 
 @app.command(context_settings=OVERRIDES)
@@ -78,6 +78,56 @@ def generate(
     typer.echo(f"responses: {out}")
 
 
+@app.command(context_settings=OVERRIDES)
+def reward(ctx: typer.Context, config: Optional[Path] = ConfigOpt):
+    """Step 2: train a reward model on comparisons (pairs, K-wise rankings, ratings)."""
+    from .config import RewardConfig
+    from .reward import run_reward
+
+    _setup_logging()
+    cfg = _load(RewardConfig, config, ctx.args)
+    out = _run_guarded(lambda: run_reward(cfg))
+    typer.echo(f"reward model: {out}\nmetrics: {Path(cfg.output_dir) / 'metrics.jsonl'} (TensorBoard: {Path(cfg.output_dir) / 'tb'})")
+
+
+RewardModelOpt = typer.Option(..., "--reward-model", "-m", help="Reward model folder (or its run folder).")
+
+
+@app.command()
+def score(
+    reward_model: str = RewardModelOpt,
+    input: str = typer.Option(..., "--input", "-i", help="Comparisons (any form, format prefix allowed) or {prompt, response} JSONL."),
+    output: str = typer.Option("scores.jsonl", "--output", "-o", help="Output JSONL."),
+    batch_size: int = typer.Option(16, help="Rows scored together."),
+    raw: bool = typer.Option(False, "--raw", help="Write raw scores instead of normalised ones."),
+):
+    """Score responses with a reward model: one line per comparison, or one score per response."""
+    from .reward import run_score
+
+    _setup_logging()
+    out = _run_guarded(lambda: run_score(reward_model, input, output, batch_size, normalise=not raw))
+    typer.echo(f"scores: {out}")
+
+
+@app.command("reward-eval")
+def reward_eval(
+    reward_model: str = RewardModelOpt,
+    data: str = typer.Option(..., "--data", "-d", help="Comparisons to evaluate on (a data spec)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the metrics as JSON here."),
+    batch_size: int = typer.Option(16, help="Rows scored together."),
+    max_comparisons: int = typer.Option(0, help="Use only the first N comparisons (0: all)."),
+    bins: int = typer.Option(10, help="Bins of the calibration table."),
+):
+    """Pairwise accuracy (overall, per source), margin and calibration of a reward model, next to the length baseline."""
+    from .reward import print_evaluation, run_reward_eval
+
+    _setup_logging()
+    metrics = _run_guarded(lambda: run_reward_eval(reward_model, data, output, batch_size, max_comparisons, bins))
+    print_evaluation(metrics)
+    if output:
+        typer.echo(f"metrics: {output}")
+
+
 @app.command("config-doc")
 def config_doc(step: str = typer.Argument(..., help="Which config: " + ", ".join(CONFIGS))):
     """Print every field of a step's config with its default and documentation."""
@@ -100,6 +150,15 @@ def _run_guarded(fn):
     except (DataError, ModelNotFoundError, NonFiniteError, ConfigError, FileNotFoundError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1)
+
+
+def _mount_subcommands() -> None:
+    from .labelling.cli import label_app
+
+    app.add_typer(label_app, name="label", help="The annotators' labelling server: serve, add-annotator, export, stats.")
+
+
+_mount_subcommands()
 
 
 def main() -> None:  # pragma: no cover

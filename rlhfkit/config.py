@@ -153,6 +153,151 @@ class GenerateConfig(Section):
     generation: GenerationSettings = GenerationSettings()
     """Sampling settings."""
 
+class RewardConfig(TrainingSettings):
+    """Step 2: a reward model (causal-LM backbone + scalar head) trained on human comparisons."""
+
+    output_dir: str = "runs/reward"
+    """Run folder: checkpoints, metrics (metrics.jsonl, TensorBoard), the reward model in final/."""
+    model: str = "default"
+    """Model to start from: an SFT run folder (its final/ is used), a model folder, an HF hub id or 'default'."""
+    data: list[str] | str = "examples/data/hh_pairs.jsonl"
+    """Comparisons: a path (JSONL, .gz allowed: pairs, K-wise rankings or ratings) or a list of them,
+    optionally prefixed by a format: 'jsonl:', 'hh-rlhf:', 'oasst:'."""
+    eval_data: list[str] | str | None = None
+    """Held-out comparisons; if unset, eval_fraction of the prompts of `data` are held out."""
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    """Share of prompts held out for evaluation when eval_data is unset (split by prompt)."""
+    max_eval_comparisons: int = Field(512, ge=1)
+    """Cap on held-out comparisons evaluated each time (keeps evaluation cheap)."""
+    score_range: tuple[float, float] | None = (1, 7)
+    """Allowed range of ratings ('score'/'scores' in the data); null accepts any number."""
+    max_length: int = Field(512, ge=16)
+    """Maximum tokens of prompt + response per row, truncated by the same rule as SFT (the prompt loses
+    its oldest tokens first, keeping at least max_prompt_share of the budget; then the response is cut)."""
+    max_prompt_share: float = Field(0.5, gt=0, lt=1)
+    """Prompt tokens kept at least when truncating is needed (as a share of max_length)."""
+    batch_size: int = Field(8, ge=1)
+    """Comparisons (prompts) per micro-batch on each process; a comparison with K responses is K rows."""
+    learning_rate: float = Field(1e-5, gt=0)
+    """Peak learning rate of AdamW (InstructGPT used 9e-6 for full fine-tuning; LoRA wants ~1e-4)."""
+    margin_scale: float = Field(0.0, ge=0)
+    """Margin from ratings: the pair loss is -log sigmoid(r_better - r_worse - margin_scale * (score_better -
+    score_worse)) when the comparison has scores (0: no margin)."""
+    centering_coef: float = Field(0.0, ge=0)
+    """Weight of the centring term centering_coef * (r_better + r_worse)^2 per pair (Eisenstein et al.
+    2023 use 0.01; 0: off)."""
+    reference_data: list[str] | str | None = None
+    """Reference responses for normalisation (demonstrations, e.g. the SFT data): after training the head
+    bias is shifted so their mean score is 0. Demonstrations whose prompts are training prompts are used
+    if there are any, else all. If unset: the best responses of the training comparisons."""
+    max_reference_examples: int = Field(512, ge=1)
+    """Cap on reference responses scored for normalisation (a seeded sample)."""
+    eval_bins: int = Field(10, ge=2)
+    """Bins of the calibration table in the evaluation."""
+
+
+class PPOConfig(TrainingSettings):
+    """Step 3: PPO against the reward model with a KL penalty toward the SFT policy.
+
+    One "step" is one PPO iteration (rollout, scoring, advantages, `ppo_epochs` passes of
+    minibatch updates): `max_steps`, `checkpoint_every`, `log_every`, metrics and checkpoints
+    count iterations."""
+
+    output_dir: str = "runs/ppo"
+    """Run folder: checkpoints, metrics.jsonl + TensorBoard, samples.jsonl, the tuned policy in final/ and ppo_state.json."""
+    model: str = "default"
+    """Not used by PPO (the policy comes from `policy_model`)."""
+    policy_model: str = "runs/sft"
+    """The SFT model: the policy and the frozen reference start from it (a run folder, whose final/ is used, or a model folder)."""
+    reward_model: str = "runs/reward"
+    """The reward model of step 2: its folder (or its run folder, whose final/ is used)."""
+    critic_init: Literal["reward", "policy"] = "reward"
+    """Where the value model starts: 'reward' = the reward model's LM and head (the head rescaled so that it
+    predicts normalised scores), 'policy' = the SFT policy's LM with a new head."""
+    prompts: list[str] | str = "examples/data/prompts.jsonl"
+    """Training prompts: a path or a list of them, optionally format-prefixed ('jsonl:', 'hh-rlhf:', 'oasst:', 'self-instruct:')."""
+    generation: GenerationSettings = GenerationSettings(max_new_tokens=128, temperature=0.7, top_p=1.0, batch_size=32)
+    """Rollout sampling: max_new_tokens, temperature (> 0; the same temperature divides the logits when log-probs are
+    recomputed), top_p / top_k (keep 1.0 / 0: with truncated sampling the tokens no longer come from the distribution
+    PPO optimises), batch_size (prompts sampled together), max_prompt_length, system_prompt. generation.seed is
+    not used: sampling follows the run's seed and RNG state (restored on resume)."""
+    prompts_per_iteration: int = Field(64, ge=2)
+    """Prompts (one response each) rolled out per PPO iteration, over all processes."""
+    minibatch_size: int = Field(16, ge=1)
+    """Responses per optimiser step, over all processes; must divide prompts_per_iteration."""
+    batch_size: int = Field(8, ge=1)
+    """Responses per forward/backward micro-batch on each process (minibatches are accumulated from them);
+    also the batch of the no-grad passes (reference, values, reward model)."""
+    grad_accum: int = Field(1, ge=1)
+    """Not used by PPO: minibatch_size / (batch_size * processes) micro-batches are accumulated."""
+    max_steps: int = Field(0, ge=0)
+    """PPO iterations to run (0: `epochs` passes over the prompts)."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the prompts when max_steps is 0 (iterations = ceil(epochs * prompts / prompts_per_iteration))."""
+    ppo_epochs: int = Field(4, ge=1)
+    """Optimisation passes over each rollout."""
+    learning_rate: float = Field(3e-6, gt=0)
+    """Peak learning rate of the policy (AdamW); LoRA wants ~1e-4."""
+    critic_learning_rate: float | None = Field(None, gt=0)
+    """Learning rate of the value model (None: learning_rate)."""
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    """Share of the optimiser steps spent warming the learning rates up linearly from 0."""
+    min_lr_ratio: float = Field(1.0, ge=0, le=1)
+    """The cosine schedule decays to learning_rate * min_lr_ratio (1.0: constant learning rate)."""
+    clip_range: float = Field(0.2, gt=0)
+    """PPO ratio clipping epsilon of the policy loss."""
+    value_clip_range: float = Field(0.2, gt=0)
+    """Clipping of the value predictions around their rollout-time values in the value loss."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss: loss = policy_loss + vf_coef * value_loss - entropy_coef * entropy + ptx_coef * ptx_loss."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Weight of the entropy bonus (0: off; the entropy is logged anyway)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """GAE discount over response tokens."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten the advantages over the valid tokens of the whole rollout (all processes)."""
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
+    """Per-token KL(pi || pi_ref) estimator in the reward: k1 = log pi - log pi_ref (classic RLHF), k3 = (r - 1) - log r
+    with r = pi_ref / pi (>= 0, lower variance). The logged KL and the adaptive controller always use k1."""
+    init_kl_coef: float = Field(0.05, ge=0)
+    """beta: weight of the KL penalty in the per-token reward -beta * kl_t (the initial value if adaptive)."""
+    adaptive_kl: bool = True
+    """Adapt beta toward target_kl (Ziegler et al. 2019); false keeps beta fixed at init_kl_coef."""
+    target_kl: float = Field(6.0, gt=0)
+    """Target KL per response (nats, summed over its tokens) of the adaptive controller."""
+    kl_horizon: float = Field(10000, gt=0)
+    """Horizon of the adaptive controller, in responses: beta *= 1 + clip(kl / target - 1, +-0.2) * responses / horizon."""
+    score_clip: float | None = Field(None, gt=0)
+    """Clip the normalised reward-model score to [-score_clip, score_clip] (None: no clipping)."""
+    missing_eos: Literal["replace", "subtract", "none"] = "replace"
+    """What a response that hit max_new_tokens without EOS scores: 'replace' = -missing_eos_penalty instead of its
+    (normalised) score, 'subtract' = its score minus missing_eos_penalty, 'none' = its score."""
+    missing_eos_penalty: float = 1.0
+    """The penalty of missing_eos (default: such responses score -1, i.e. one reward-model std below the mean)."""
+    ptx_data: list[str] | str | None = None
+    """PPO-ptx (InstructGPT): demonstrations whose SFT loss is added to every minibatch (None: off). Same formats as SFT data."""
+    ptx_coef: float = Field(0.1, ge=0)
+    """Weight of the PPO-ptx loss (mean cross-entropy per response token of the demonstrations)."""
+    ptx_batch_size: int = Field(4, ge=1)
+    """Demonstrations per micro-batch on each process for PPO-ptx."""
+    ptx_max_length: int = Field(512, ge=16)
+    """Maximum tokens of a PPO-ptx demonstration (truncated by the SFT rule)."""
+    reward_max_length: int = Field(1024, ge=16)
+    """Maximum tokens of prompt + response read by the reward model when it needs re-tokenised text (other vocabulary)."""
+    sample_every: int = Field(10, ge=0)
+    """Write sample generations (prompt, response, score, KL) to samples.jsonl every N iterations (0: never)."""
+    samples_per_log: int = Field(4, ge=1)
+    """How many rollouts are written to samples.jsonl each time."""
+    eval_every: int = Field(0, ge=0)
+    """Not used by PPO (every iteration logs its rollout's statistics)."""
+    checkpoint_every: int = Field(10, ge=0)
+    """Save a resumable checkpoint every N iterations (0: only at the end)."""
+    log_every: int = Field(1, ge=1)
+    """Write metrics every N iterations."""
+
+
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -279,6 +424,8 @@ __all__ = [
     "GenerateConfig",
     "GenerationSettings",
     "LoraSettings",
+    "PPOConfig",
+    "RewardConfig",
     "SFTConfig",
     "Section",
     "TrainingSettings",

@@ -111,10 +111,11 @@ def _get(obj: dict, key: str, field: str | None = None):
     return obj[key]
 
 
-def _optional_string(obj: dict, key: str) -> str:
+def _optional_string(obj: dict, key: str, field: str | None = None) -> str:
+    """A string that may be empty or absent ("")."""
     value = obj.get(key, "")
     if not isinstance(value, str):
-        raise _Invalid(key, f"expected a string, got {_json_type(value)}")
+        raise _Invalid(field or key, f"expected a string, got {_json_type(value)}")
     return value
 
 
@@ -354,8 +355,8 @@ def prompt_to_json(messages: list[dict]) -> dict:
 
 
 def write_jsonl(path, records: Iterable) -> int:
-    """Write records (Demonstration, Comparison, prompt message lists, or plain dicts) one
-    JSON object a line, gzipped if the path ends in .gz. Returns the number written."""
+    """Write records (Demonstration, Comparison, prompt message lists, or plain JSON values)
+    one a line, gzipped if the path ends in .gz. Returns the number written."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with _open(path, "wt") as f:
@@ -383,8 +384,9 @@ def _demonstration_from_json(obj: dict) -> Demonstration:
         raise _Invalid("messages", "give either 'messages' or 'prompt'/'response', not both")
     messages = _messages(obj["messages"])
     last = len(messages) - 1
-    if messages[last]["role"] != "assistant":
-        raise _Invalid(f"messages[{last}].role", f"the last message must be the assistant response to learn, not {messages[last]['role']!r}")
+    role = messages[last]["role"]
+    if role != "assistant":
+        raise _Invalid(f"messages[{last}].role", f"the last message must be the assistant response to learn, not {role!r}")
     if last == 0 or messages[last - 1]["role"] != "user":
         raise _Invalid(f"messages[{last}].role", "the assistant response must follow a user turn")
     return Demonstration(messages[:-1], messages[last]["content"], source)
@@ -429,7 +431,8 @@ def read_comparisons(
                 scores = obj.get("scores")
                 if scores is not None:
                     if not isinstance(scores, list) or len(scores) != len(responses):
-                        raise _Invalid("scores", f"expected a list of {len(responses)} numbers, got {_json_type(scores)}")
+                        what = f"expected a list of {len(responses)} numbers, got {_json_type(scores)}"
+                        raise _Invalid("scores", what)
                     scores = [_score(s, f"scores[{i}]", score_range) for i, s in enumerate(scores)]
                 items.append(Comparison(messages, responses, ranking, source, scores, _meta(obj)))
             elif "score" in obj or "response" in obj:
@@ -443,7 +446,8 @@ def read_comparisons(
                 rated[key]["responses"].append(response)
                 rated[key]["scores"].append(score)
             else:
-                raise _Invalid("responses", "missing: a comparison needs 'chosen'/'rejected', 'responses'/'ranking' or 'response'/'score'")
+                what = "missing: a comparison needs 'chosen'/'rejected', 'responses'/'ranking' or 'response'/'score'"
+                raise _Invalid("responses", what)
         except _Invalid as e:
             raise DataError(path, line_no, e.field, e.what) from None
 
@@ -589,9 +593,9 @@ def _read_oasst(path):
         role = _get(node, "role", f"{where}.role")
         if role not in _OASST_ROLES:
             raise _Invalid(f"{where}.role", f"unknown role {role!r} (expected prompter or assistant)")
-        expected = "user" if not history or history[-1]["role"] == "assistant" else "assistant"
-        if _OASST_ROLES[role] != expected:
-            raise _Invalid(f"{where}.role", f"expected a {'prompter' if expected == 'user' else 'assistant'} message here")
+        expected = "prompter" if not history or history[-1]["role"] == "assistant" else "assistant"
+        if role != expected:  # turns alternate, starting with the prompter
+            raise _Invalid(f"{where}.role", f"expected a {expected} message here, got {role!r}")
         text = _string(_get(node, "text", f"{where}.text"), f"{where}.text")
         if role == "assistant":
             demos.append(Demonstration(history, text, "oasst"))
@@ -612,7 +616,8 @@ def _read_oasst(path):
 
         if role == "prompter":  # the ranked assistant replies to this turn are one K-wise comparison
             ranked = [(rank, child, child_where) for rank, child, child_where in children if rank is not None]
-            unranked["unranked"] += len(children) - len(ranked)
+            if len(children) >= 2:  # a reply without rank among siblings misses its comparison
+                unranked["unranked"] += len(children) - len(ranked)
             if len(ranked) >= 2:
                 ranks = sorted({rank for rank, _, _ in ranked})
                 ranking = [[i for i, (rank, _, _) in enumerate(ranked) if rank == r] for r in ranks]
@@ -642,7 +647,8 @@ def read_oasst_demonstrations(path, *, stats: ReadStats | None = None) -> list[D
 
 def read_oasst_comparisons(path, *, stats: ReadStats | None = None) -> list[Comparison]:
     """For each human prompter turn, its human assistant replies ranked by `rank` (K-wise;
-    equal ranks tie). Replies without a rank are left out of comparisons ("unranked")."""
+    equal ranks tie). Replies without a rank that have siblings are left out of the
+    comparison (counted as "unranked")."""
     _, comparisons, _, skipped, unranked, last = _read_oasst(path)
     return _finish(path, "comparisons", comparisons, skipped + unranked, stats, last)
 
@@ -670,7 +676,7 @@ def read_self_instruct(path, *, stats: ReadStats | None = None) -> list[Demonstr
             for i, instance in enumerate(instances):
                 if not isinstance(instance, dict):
                     raise _Invalid(f"instances[{i}]", f"expected an object, got {_json_type(instance)}")
-                task_input = _optional_string(instance, "input") if "input" in instance else ""
+                task_input = _optional_string(instance, "input", f"instances[{i}].input")
                 output = _string(_get(instance, "output", f"instances[{i}].output"), f"instances[{i}].output")
                 prompt = instruction + ("\n\n" + task_input.strip() if task_input.strip() else "")
                 demos.append(Demonstration([{"role": "user", "content": prompt}], output.strip(), "self-instruct"))
@@ -712,9 +718,12 @@ def _unique(prompts: list[list[dict]], stats: ReadStats | None) -> list[list[dic
         if key not in seen:
             seen.add(key)
             unique.append(messages)
+    repeats = len(prompts) - len(unique)
+    if repeats:
+        log.warning("dropped %d repeated prompts (duplicate_prompt=%d)", repeats, repeats)
     if stats is not None:
-        stats.records -= len(prompts) - len(unique)
-        stats.skipped["duplicate_prompt"] += len(prompts) - len(unique)
+        stats.records -= repeats
+        stats.skipped["duplicate_prompt"] += repeats
     return unique
 
 

@@ -84,18 +84,8 @@ def batch_to_inputs(micro: list, pad_token_id: int, device) -> dict[str, torch.T
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> Path:
-    """Train, evaluate and save; returns the folder of the final model. Resumes if interrupted."""
-    run = RunDir(cfg.output_dir)
-    if run.is_done():
-        log.info("%s is complete; nothing to do", run.final)
-        return run.final
-    accelerator = make_accelerator(cfg)
-    seed_everything(cfg.seed)
-    if accelerator.is_main_process:
-        save_run_config(cfg, run)
-
-    tokenizer = load_tokenizer(cfg.model)
+def load_sft_examples(cfg: SFTConfig, tokenizer) -> tuple[list[Example], list[Example]]:
+    """Read, split (by prompt) and tokenise the demonstrations; log how many were truncated."""
     demos = load_demonstrations(cfg.data)
     if cfg.eval_data is not None:
         train_demos, eval_demos = demos, load_demonstrations(cfg.eval_data)
@@ -109,6 +99,27 @@ def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> Path:
     )  # fmt: skip
     if not train_examples:
         raise ValueError(f"{cfg.data}: no training demonstrations")
+    return train_examples, eval_examples
+
+
+def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> Path:
+    """Train, evaluate and save; returns the folder of the final model. Resumes if interrupted."""
+    run = RunDir(cfg.output_dir)
+    if run.is_done():
+        log.info("%s is complete; nothing to do", run.final)
+        return run.final
+    tokenizer = load_tokenizer(cfg.model)
+    train_examples, eval_examples = load_sft_examples(cfg, tokenizer)
+    return train_sft(cfg, tokenizer, train_examples, eval_examples, stop_after)
+
+
+def train_sft(cfg: SFTConfig, tokenizer, train_examples: list[Example], eval_examples: list[Example], stop_after: int | None = None) -> Path:
+    """The training part of step 1, on already tokenised examples."""
+    run = RunDir(cfg.output_dir)
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    if accelerator.is_main_process:
+        save_run_config(cfg, run)
 
     items = pack(train_examples, cfg.max_length, tokenizer.pad_token_id) if cfg.packing else train_examples
 
@@ -133,7 +144,9 @@ def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> Path:
 
     def loss_fn(module, micro):
         loss_sum, n_tokens, correct = module(**batch_to_inputs(micro, pad_id, accelerator.device))
-        stats = {"loss_sum": loss_sum.item(), "loss_count": n_tokens.item(), "tokens": n_tokens.item()}
+        # `tokens` counts every token processed (prompt + response), for throughput.
+        seen = sum(len(e) if isinstance(e, Example) else e["input_ids"].shape[1] for e in micro)
+        stats = {"loss_sum": loss_sum.item(), "loss_count": n_tokens.item(), "tokens": seen}
         stats.update(token_accuracy_sum=correct.item(), token_accuracy_count=n_tokens.item())
         return loss_sum, stats
 

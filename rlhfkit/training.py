@@ -131,7 +131,13 @@ def check_finite(name: str, value: torch.Tensor | float, step: int) -> None:
 
 
 def make_accelerator(cfg: TrainingSettings) -> Accelerator:
-    return Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", step_scheduler_with_optimizer=False)
+    # cpu=True without a GPU: under `accelerate launch --multi_gpu --num_processes N` (torchrun) the
+    # processes then form a gloo group (MULTI_CPU) instead of N independent single-process runs.
+    return Accelerator(
+        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+        cpu=not torch.cuda.is_available(),
+        step_scheduler_with_optimizer=False,
+    )
 
 
 def seed_everything(seed: int) -> None:

@@ -122,8 +122,9 @@ def create_app(
         raise ValueError("annotations_per_task must be at least 1")
     if lease_seconds <= 0:
         raise ValueError("lease_seconds must be positive")
+    tasks = load_tasks(tasks_path) if tasks_path is not None else None  # a bad file fails before any DB is made
     db = db or LabelDB(db_path)
-    imported = db.import_tasks(load_tasks(tasks_path)) if tasks_path is not None else None
+    imported = db.import_tasks(tasks) if tasks is not None else None
     db.set_meta("annotations_per_task", str(annotations_per_task))
     n = annotations_per_task
 

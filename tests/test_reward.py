@@ -1,0 +1,314 @@
+"""Step 2, the reward model: pairs and weights, the score position, learning, normalisation,
+resume, save/load, and the score / reward-eval commands. Tiny random Llama only."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfkit.config import LoraSettings, RewardConfig
+from rlhfkit.data import Comparison, load_comparisons, split_by_prompt
+from rlhfkit.models import load_tokenizer
+from rlhfkit.reward import (
+    build_reward_model,
+    comparison_loss,
+    encode_comparison,
+    encode_pair_text,
+    evaluate_reward_model,
+    expand_comparison,
+    load_reward_model,
+    pair_terms,
+    rows_to_batch,
+    run_reward,
+    save_reward_model,
+    score,
+)
+
+from conftest import WORDS
+
+MARKER = "banana"
+PLAIN = [w for w in WORDS if w != MARKER]
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def sentence(rng, lo=3, hi=8, marker=False):
+    words = [rng.choice(PLAIN) for _ in range(rng.randint(lo, hi))]
+    if marker:
+        words.insert(rng.randint(0, len(words)), MARKER)
+    return " ".join(words)
+
+
+def write_synthetic(path: Path, n: int = 320, seed: int = 0) -> Path:
+    """Comparisons where a response containing the marker word beats those without it: mostly pairs,
+    every fourth prompt a K-wise ranking of 3-4 responses (the marked one first, the rest tied)."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            prompt = f"{sentence(rng)} {i}"
+            if i % 4:
+                record = {"prompt": prompt, "chosen": sentence(rng, marker=True), "rejected": sentence(rng)}
+            else:
+                k = rng.randint(3, 4)
+                responses = [sentence(rng, marker=True)] + [sentence(rng) for _ in range(k - 1)]
+                order = list(range(k))
+                rng.shuffle(order)
+                responses = [responses[j] for j in order]
+                best = order.index(0)
+                record = {"prompt": prompt, "responses": responses, "ranking": [best, [j for j in range(k) if j != best]]}
+            record["source"] = "pairs" if i % 4 else "kwise"
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def tiny_config(tmp: Path, model_dir: Path, data: Path, **fields) -> RewardConfig:
+    base = dict(
+        output_dir=str(tmp / "run"),
+        model=str(model_dir),
+        data=str(data),
+        precision="fp32",
+        eval_fraction=0.2,
+        max_length=64,
+        batch_size=8,
+        learning_rate=2e-3,
+        warmup_ratio=0.0,
+        epochs=1,
+        eval_every=0,
+        checkpoint_every=0,
+        seed=0,
+    )
+    base.update(fields)
+    return RewardConfig(**base)
+
+
+# ----------------------------------------------------------------------------- pairs and weights
+
+
+def test_kwise_ranking_expands_to_pairs_with_per_prompt_weights(tiny_model_dir):
+    c = Comparison(user("q"), ["a b", "c d", "e f", "g h"], [[2], [0, 3], [1]])
+    pairs, weights, margins = expand_comparison(c)
+    assert sorted(pairs) == sorted([(2, 0), (2, 3), (2, 1), (0, 1), (3, 1)])  # no pair inside the tie
+    assert sum(weights) == pytest.approx(1.0) and len(set(weights)) == 1
+    assert margins == [0.0] * 5
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    enc = encode_comparison(tokenizer, c, max_length=64, max_prompt_share=0.5)
+    assert len(enc.rows) == 4  # one forward row per response, not two per pair
+    assert enc.pairs == pairs and sum(enc.weights) == pytest.approx(1.0)
+    # A repeated response text is encoded once.
+    dup = encode_comparison(tokenizer, Comparison(user("q"), ["same", "other", "same"], [[0], [1], [2]]), 64, 0.5)
+    assert len(dup.rows) == 2 and dup.pairs == [(0, 1), (0, 0), (1, 0)]
+
+    # Per-prompt averaging: a 6-pair prompt and a 1-pair prompt weigh the same.
+    big = encode_comparison(tokenizer, Comparison(user("x"), ["a", "b", "c", "d"], [[0], [1], [2], [3]]), 64, 0.5)
+    small = encode_comparison(tokenizer, Comparison(user("y"), ["a", "b"], [[1], [0]]), 64, 0.5)
+    scores = torch.tensor([0.5, 0.0, -1.0, 2.0, 0.3, -0.2])
+    loss, stats = comparison_loss(scores, pair_terms([big, small]))
+    ls = torch.nn.functional.logsigmoid
+    big_mean = torch.stack([-ls(scores[b] - scores[w]) for b, w in big.pairs]).mean()
+    small_mean = -ls(scores[4 + 1] - scores[4 + 0])
+    assert loss.item() == pytest.approx((big_mean + small_mean).item(), rel=1e-6)
+    assert stats["loss_count"] == 2 and stats["accuracy_count"] == 7
+
+
+def test_ratings_with_ties_give_only_strict_pairs_and_margins(tmp_path):
+    path = tmp_path / "ratings.jsonl"
+    lines = [("p", "r0", 5), ("p", "r1", 7), ("p", "r2", 5), ("p", "r3", 2), ("q", "s0", 4), ("q", "s1", 4), ("q", "s2", 1)]
+    path.write_text("".join(json.dumps({"prompt": p, "response": r, "score": s}) + "\n" for p, r, s in lines))
+    first, second = load_comparisons(str(path))
+    pairs, weights, margins = expand_comparison(first, margin_scale=0.5)
+    assert sorted(pairs) == sorted([(1, 0), (1, 2), (1, 3), (0, 3), (2, 3)])  # r0 and r2 tie: no pair
+    assert all(first.scores[b] > first.scores[w] for b, w in pairs)
+    assert sum(weights) == pytest.approx(1.0)
+    assert margins == [0.5 * (first.scores[b] - first.scores[w]) for b, w in pairs]
+    assert sorted(expand_comparison(second)[0]) == [(0, 2), (1, 2)]
+
+
+# ----------------------------------------------------------------------------- the score position
+
+
+def test_score_at_last_real_token_whatever_the_padding(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(0)
+    rm = build_reward_model(str(tiny_model_dir), tokenizer).eval()
+    rows = [encode_pair_text(tokenizer, user(f"question {i}"), " ".join(WORDS[: 3 + 5 * i]), 64, 0.5) for i in range(4)]
+    assert all(r[-1] == tokenizer.eos_token_id for r in rows)
+    with torch.no_grad():
+        alone = torch.cat([rm(**rows_to_batch([r], tokenizer.pad_token_id)) for r in rows])
+        right = rm(**rows_to_batch(rows, tokenizer.pad_token_id, side="right"))
+        left = rm(**rows_to_batch(rows, tokenizer.pad_token_id, side="left"))
+        noisy = rows_to_batch(rows, tokenizer.pad_token_id, side="left")
+        pad_positions = noisy["attention_mask"] == 0
+        noisy["input_ids"][pad_positions] = torch.randint(3, 300, (int(pad_positions.sum()),))
+        noisy_scores = rm(**noisy)
+        longer = rows_to_batch(rows + [rows[-1] + [5] * 7], tokenizer.pad_token_id)  # more padding on every row
+        more_pad = rm(**longer)[:4]
+    assert right.dtype == torch.float32 and right.shape == (4,)
+    assert len(set(alone.tolist())) == 4  # the rows really differ
+    for other in (right, left, noisy_scores, more_pad):
+        torch.testing.assert_close(other, alone, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One full training run on the synthetic preference, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("reward-run")
+    data = write_synthetic(tmp / "marker.jsonl")
+    cfg = tiny_config(tmp, tiny_model_dir, data)
+    final = run_reward(cfg)
+    return cfg, final, data
+
+
+def test_learns_a_synthetic_preference(trained):
+    cfg, final, data = trained
+    rm, tokenizer, stats = load_reward_model(final)
+    _, held_out = split_by_prompt(load_comparisons(str(data)), cfg.eval_fraction, seed=cfg.seed)
+    assert len(held_out) >= 40
+    result = evaluate_reward_model(rm, tokenizer, held_out, batch_size=32)
+    assert result["accuracy"] > 0.9, result
+    assert set(result["by_source"]) == {"pairs", "kwise"}
+    assert result["pairs"] == sum(len(c.pairs()) for c in held_out)
+    assert sum(row["count"] for row in result["calibration"]) == result["pairs"]
+    assert stats["eval"]["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)  # what training logged at the end
+    metrics = [json.loads(l) for l in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "accuracy", "tokens_per_s"} <= set(metrics[1]) and metrics[-1]["phase"] == "eval"
+
+
+def test_normalisation_centres_the_reference_responses(trained):
+    cfg, final, data = trained
+    rm, tokenizer, stats = load_reward_model(final)
+    assert {"mean", "std", "base_model", "lora", "max_length"} <= set(stats)
+    assert stats["lora"] is False and stats["max_length"] == cfg.max_length and stats["std"] > 0
+    train, _ = split_by_prompt(load_comparisons(str(data)), cfg.eval_fraction, seed=cfg.seed)
+    refs = [(c.messages, c.responses[i]) for c in train for i in c.ranking[0]]
+    raw = score(rm, tokenizer, [m for m, _ in refs], [r for _, r in refs], normalise=False)
+    assert abs(sum(raw) / len(raw)) < 1e-4 and abs(stats["mean"]) < 1e-4
+    assert abs(stats["raw_mean"]) > 1e-3  # the shift did something
+    normalised = score(rm, tokenizer, [m for m, _ in refs], [r for _, r in refs])
+    assert abs(sum(normalised) / len(normalised)) < 1e-4
+    assert torch.tensor(normalised).std(unbiased=False).item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_reference_data_sets_the_zero(trained, tmp_path, tiny_model_dir):
+    """With reference_data, the demonstrations of training prompts are what scores 0 on average."""
+    cfg, final, data = trained
+    train, _ = split_by_prompt(load_comparisons(str(data)), cfg.eval_fraction, seed=cfg.seed)
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"messages": c.messages + [{"role": "assistant", "content": "yes " + c.responses[-1]}]}) + "\n" for c in train[:30]))
+    run_cfg = tiny_config(tmp_path, tiny_model_dir, data, reference_data=str(demos), max_steps=2)
+    rm, tokenizer, stats = load_reward_model(run_reward(run_cfg))
+    raw = score(rm, tokenizer, [c.messages for c in train[:30]], ["yes " + c.responses[-1] for c in train[:30]], normalise=False)
+    assert abs(sum(raw) / len(raw)) < 1e-4 and "30 demonstrations" in stats["reference"]
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = write_synthetic(tmp_path / "marker.jsonl", n=80)
+    fields = dict(max_steps=6, checkpoint_every=2, batch_size=4)
+    straight = load_reward_model(run_reward(tiny_config(tmp_path / "a", tiny_model_dir, data, **fields)))[0]
+    cfg = tiny_config(tmp_path / "b", tiny_model_dir, data, **fields)
+    assert run_reward(cfg, stop_after=4) == Path(cfg.output_dir)  # "crashed" after step 4
+    assert not (Path(cfg.output_dir) / "final").exists()
+    resumed = load_reward_model(run_reward(cfg))[0]
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    steps = [json.loads(l)["step"] for l in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_save_load_round_trip(tiny_model_dir, tmp_path, lora):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(1)
+    rm = build_reward_model(str(tiny_model_dir), tokenizer, lora=LoraSettings(enabled=lora, r=4)).eval()
+    if lora:  # make the adapters do something
+        with torch.no_grad():
+            for name, p in rm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    rm.head.bias.data.fill_(0.3)
+    prompts = [user(f"question {i}") for i in range(5)]
+    responses = [" ".join(WORDS[i : i + 6]) for i in range(5)]
+    stats = {"mean": 0.25, "std": 2.0, "base_model": str(tiny_model_dir), "lora": lora, "max_length": 64, "max_prompt_share": 0.5}
+    rm.stats = stats
+    before = score(rm, tokenizer, prompts, responses)
+    out = save_reward_model(rm, tokenizer, tmp_path / "rm", stats)
+    assert (out / "reward_head.safetensors").exists() and (out / "config.json").exists()
+    assert (out / "adapter" / "adapter_config.json").exists() == lora
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    loaded, tok2, stats2 = load_reward_model(out)
+    assert stats2 == stats and not any(m.training for m in loaded.modules())
+    after = score(loaded, tok2, prompts, responses)
+    if lora:  # merged weights: equal up to float rounding
+        assert after == pytest.approx(before, abs=1e-5)
+    else:
+        assert after == before
+    assert score(loaded, tok2, prompts, responses, normalise=False) == pytest.approx([s * 2.0 + 0.25 for s in after], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def test_score_and_reward_eval_commands(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+
+    cfg, final, data = trained
+    runner = CliRunner()
+    out = tmp_path / "scores.jsonl"
+    result = runner.invoke(app, ["score", "--reward-model", cfg.output_dir, "--input", str(data), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(lines) == 320 and all(len(l["rewards"]) == len(l["responses"]) for l in lines)
+
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text(json.dumps({"prompt": "hi", "response": "banana the"}) + "\n" + json.dumps({"prompt": "hi", "response": "the a"}) + "\n")
+    result = runner.invoke(app, ["score", "--reward-model", str(final), "--input", str(demos), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    rewards = [json.loads(l)["reward"] for l in out.read_text().splitlines()]
+    assert len(rewards) == 2 and rewards[0] > rewards[1]
+
+    report = tmp_path / "eval.json"
+    result = runner.invoke(app, ["reward-eval", "--reward-model", str(final), "--data", str(data), "--output", str(report)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(report.read_text())
+    assert metrics["accuracy"] > 0.9 and metrics["length_baseline_accuracy"] < 0.8
+    assert "length" in result.output.lower() and "kwise" in result.output
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(tiny_model_dir, tmp_path):
+    """accelerate launch with 2 CPU processes (gloo) = single process on the same global batch of prompts,
+    with K-wise comparisons of different K in it (per-prompt averaging survives the split)."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_synthetic(tmp_path / "marker.jsonl", n=64)
+    common = ["--model", str(tiny_model_dir), "--data", str(data), "--max_steps", "3", "--eval_every", "0",
+              "--checkpoint_every", "0", "--precision", "fp32", "--learning_rate", "3e-3", "--max_length", "64",
+              "--eval_fraction", "0.2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "OMP_NUM_THREADS": "1"}
+    single = [sys.executable, "-m", "rlhfkit.cli", "reward", "--output_dir", str(tmp_path / "one"), "--batch_size", "4", "--grad_accum", "2", *common]
+    subprocess.run(single, check=True, capture_output=True, env=env)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhfkit.cli", "reward",
+              "--output_dir", str(tmp_path / "two"), "--batch_size", "2", "--grad_accum", "2", *common]  # fmt: skip
+    proc = subprocess.run(launch, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (load_reward_model(tmp_path / name)[0].state_dict() for name in ("one", "two"))
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-3, atol=1e-4, msg=k)  # summation order differs
+    evals = [[json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines() if '"eval"' in l] for n in ("one", "two")]
+    assert evals[0][-1]["accuracy"] == pytest.approx(evals[1][-1]["accuracy"])  # eval gathered from both processes
