@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/rlhfkit demo --config configs/demo.yaml
+	$(VENV)/bin/rlhfkit sft --config configs/sft.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

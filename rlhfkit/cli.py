@@ -2,6 +2,7 @@
 
     rlhfkit sft --config sft.yaml --learning_rate 1e-4 --lora.enabled true
     rlhfkit generate --model runs/sft --prompts prompts.jsonl
+    rlhfkit candidates --prompts prompts.jsonl --model runs/sft --model default -k 4 -o tasks.jsonl
     rlhfkit config-doc sft
 """
 
@@ -41,7 +42,7 @@ def _config_classes() -> dict[str, type]:
     return {name: getattr(c, cls) for name, cls in CONFIGS.items() if hasattr(c, cls)}
 
 
-CONFIGS = {"sft": "SFTConfig", "generate": "GenerateConfig", "reward": "RewardConfig"}
+CONFIGS = {"sft": "SFTConfig", "generate": "GenerateConfig", "reward": "RewardConfig", "ppo": "PPOConfig", "candidates": "CandidatesConfig"}
 
 
 @app.command(context_settings=OVERRIDES)
@@ -76,6 +77,37 @@ def generate(
     cfg = _load(GenerateConfig, config, extra)
     out = _run_guarded(lambda: run_generate(cfg))
     typer.echo(f"responses: {out}")
+
+
+@app.command(context_settings=OVERRIDES)
+def candidates(
+    ctx: typer.Context,
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="A model to sample from (repeat for several): run folder, model folder, hub id or 'default'."),
+    k: Optional[int] = typer.Option(None, "-k", "--k", help="Responses per prompt, split across the models round-robin."),
+    prompts: Optional[str] = typer.Option(None, help="Prompts JSONL."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Task JSONL for `rlhfkit label serve --tasks`."),
+):
+    """Sample K responses per prompt from one or several models and write a labelling task file."""
+    import json
+
+    from .candidates import run_candidates
+    from .config import CandidatesConfig
+
+    _setup_logging()
+    extra = list(ctx.args)
+    if model:
+        extra += ["--models", json.dumps(model)]
+    for name, value in (("k", k), ("prompts", prompts), ("output", output)):
+        if value is not None:
+            extra += [f"--{name}", str(value)]
+    cfg = _load(CandidatesConfig, config, extra)
+    try:
+        out = _run_guarded(lambda: run_candidates(cfg))
+    except ValueError as e:  # an unknown format prefix, or no prompt got 2 distinct responses
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"tasks: {out}  (next: rlhfkit label serve --tasks {out})")
 
 
 @app.command(context_settings=OVERRIDES)
@@ -126,6 +158,21 @@ def reward_eval(
     print_evaluation(metrics)
     if output:
         typer.echo(f"metrics: {output}")
+
+
+@app.command(context_settings=OVERRIDES)
+def ppo(ctx: typer.Context, config: Optional[Path] = ConfigOpt):
+    """Step 3: PPO against the reward model with a KL penalty toward the SFT policy."""
+    from .config import PPOConfig
+    from .ppo import run_ppo
+
+    _setup_logging()
+    cfg = _load(PPOConfig, config, ctx.args)
+    out = _run_guarded(lambda: run_ppo(cfg))
+    typer.echo(
+        f"policy: {out}\nmetrics: {Path(cfg.output_dir) / 'metrics.jsonl'} (TensorBoard: {Path(cfg.output_dir) / 'tb'}), "
+        f"samples: {Path(cfg.output_dir) / 'samples.jsonl'}"
+    )
 
 
 @app.command("config-doc")

@@ -53,6 +53,11 @@ class TrainingSettings(Section):
     """bf16 autocast with fp32 master weights (fast on CPUs with AVX512-BF16 and on GPUs), or plain fp32."""
     lora: LoraSettings = LoraSettings()
     """LoRA settings; full fine-tuning when lora.enabled is false."""
+    train_top_layers: int = Field(0, ge=0)
+    """Train only the top N transformer blocks (and the final norm); 0 trains all. Lower blocks then
+    need no backward pass, about 2x faster per step on CPU for N = L/4. Combines with LoRA."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory, ~30% more time."""
     learning_rate: float = Field(2e-5, gt=0)
     """Peak learning rate of AdamW."""
     weight_decay: float = Field(0.0, ge=0)
@@ -194,6 +199,26 @@ class RewardConfig(TrainingSettings):
     """Cap on reference responses scored for normalisation (a seeded sample)."""
     eval_bins: int = Field(10, ge=2)
     """Bins of the calibration table in the evaluation."""
+    trainable_layers: int = Field(0, ge=0)
+    """Train only the top N transformer layers (with the final norm, the head and their LoRA adapters if
+    LoRA is on); the embeddings and lower layers stay frozen, so no backward pass runs through them
+    (much cheaper on a CPU). 0: all layers."""
+
+
+class RolloutSettings(GenerationSettings):
+    """Sampling of PPO rollouts (GenerationSettings with PPO defaults)."""
+
+    temperature: float = Field(0.7, gt=0)
+    """Softmax temperature (> 0); the same temperature divides the logits when log-probs are recomputed."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold. Keep 1.0: with truncated sampling the tokens no longer come from the
+    distribution whose log-probs PPO uses."""
+    top_k: int = Field(0, ge=0)
+    """Top-k sampling (0: off; keep it off for the same reason as top_p)."""
+    batch_size: int = Field(32, ge=1)
+    """Prompts sampled together on each process."""
+    seed: int = 0
+    """Not used by PPO: sampling follows the run's seed and RNG state (restored on resume)."""
 
 
 class PPOConfig(TrainingSettings):
@@ -216,11 +241,8 @@ class PPOConfig(TrainingSettings):
     predicts normalised scores), 'policy' = the SFT policy's LM with a new head."""
     prompts: list[str] | str = "examples/data/prompts.jsonl"
     """Training prompts: a path or a list of them, optionally format-prefixed ('jsonl:', 'hh-rlhf:', 'oasst:', 'self-instruct:')."""
-    generation: GenerationSettings = GenerationSettings(max_new_tokens=128, temperature=0.7, top_p=1.0, batch_size=32)
-    """Rollout sampling: max_new_tokens, temperature (> 0; the same temperature divides the logits when log-probs are
-    recomputed), top_p / top_k (keep 1.0 / 0: with truncated sampling the tokens no longer come from the distribution
-    PPO optimises), batch_size (prompts sampled together), max_prompt_length, system_prompt. generation.seed is
-    not used: sampling follows the run's seed and RNG state (restored on resume)."""
+    generation: RolloutSettings = RolloutSettings()
+    """Rollout sampling settings."""
     prompts_per_iteration: int = Field(64, ge=2)
     """Prompts (one response each) rolled out per PPO iteration, over all processes."""
     minibatch_size: int = Field(16, ge=1)
@@ -425,6 +447,7 @@ __all__ = [
     "GenerationSettings",
     "LoraSettings",
     "PPOConfig",
+    "RolloutSettings",
     "RewardConfig",
     "SFTConfig",
     "Section",
@@ -433,4 +456,188 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "save_config",
+]
+
+
+class CandidatesConfig(Section):
+    """`rlhfkit candidates`: K responses per prompt from one or several models, written as a labelling task file."""
+
+    models: list[str] | str = ["default"]
+    """Models to sample from (each a run folder, whose final/ is used, a model folder, an HF hub id or 'default').
+    The k responses of a prompt are split across them round-robin: response j comes from model j % len(models)."""
+    prompts: list[str] | str = "examples/data/prompts.jsonl"
+    """Prompts: JSONL of strings, {"prompt": ...} or {"messages": [...]}, optionally format-prefixed. Repeats are dropped."""
+    output: str = "tasks.jsonl"
+    """The task file for `rlhfkit label serve --tasks`: one {"id", "messages", "responses": [{"text", "model",
+    "sampling"}]} per prompt; the id is a hash of the prompt conversation (stable across runs)."""
+    k: int = Field(4, ge=2)
+    """Responses per prompt, over all models. A response identical to one already kept for its prompt (or empty) is
+    re-sampled once from the same model; if that is again a duplicate or empty it is dropped (counted in the log).
+    Prompts left with fewer than 2 responses are dropped."""
+    max_prompts: int = Field(0, ge=0)
+    """Use only the first N prompts (0: all)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Weights and compute in bf16 or fp32."""
+    generation: GenerationSettings = GenerationSettings()
+    """Sampling settings shared by every model (kept beside each response); model i samples with seed generation.seed + i."""
+
+
+__all__.append("CandidatesConfig")
+
+
+# ----------------------------------------------------------------------------- evaluation, pipeline, chat
+
+
+class EvaluateConfig(Section):
+    """`rlhfkit evaluate`: the SFT and the RLHF policy side by side on held-out prompts."""
+
+    output_dir: str = "runs/eval"
+    """Where eval.json (the numbers) and eval_samples.jsonl (the paired responses and their scores) are written."""
+    sft_model: str = "runs/sft"
+    """The SFT policy (a run folder, whose final/ is used, or a model folder); also the reference of the KL."""
+    rlhf_model: str = "runs/ppo"
+    """The RLHF (PPO) policy: a run folder, whose final/ is used, or a model folder."""
+    reward_model: str = "runs/reward"
+    """The reward model PPO optimised (a reward-model folder or its run folder)."""
+    judge_reward_model: str | None = None
+    """A second reward model that PPO never saw (e.g. trained on other comparisons), for an independent win rate
+    (None: no judge)."""
+    prompts: list[str] | str = "examples/data/prompts.jsonl"
+    """Held-out prompts (not used in PPO training), in any prompts format, optionally format-prefixed."""
+    comparisons: list[str] | str | None = None
+    """Held-out comparisons for the reward model's pairwise accuracy (None: not measured)."""
+    max_prompts: int = Field(64, ge=1)
+    """Evaluate on the first N prompts."""
+    max_comparisons: int = Field(256, ge=0)
+    """Use the first N held-out comparisons for the accuracy (0: all)."""
+    precision: Literal["bf16", "fp32"] = "fp32"
+    """Weights and compute of the policies and reward models (fp32 gives exact log-probs for the KL)."""
+    batch_size: int = Field(8, ge=1)
+    """Rows per forward pass when computing log-probs and reward-model scores."""
+    generation: GenerationSettings = GenerationSettings(max_new_tokens=128, temperature=0.7, top_p=1.0)
+    """Sampling settings, the same for both policies (same seed). The KL uses log-probs at generation.temperature
+    (1.0 if greedy), like PPO's logged kl; keep top_p 1.0 / top_k 0 so the responses come from that distribution."""
+
+
+class PipelineSFTConfig(SFTConfig):
+    """Step 1 inside `rlhfkit pipeline`."""
+
+    output_dir: str = "sft"
+    """Folder of the step, relative to the pipeline's output_dir."""
+    model: str = "base"
+    """Model to start from: 'base' (the pipeline's `model`), a model folder, an HF hub id or 'default'."""
+
+
+class PipelineRewardConfig(RewardConfig):
+    """Step 2 inside `rlhfkit pipeline`."""
+
+    output_dir: str = "reward"
+    """Folder of the step, relative to the pipeline's output_dir."""
+    model: str = "sft"
+    """Backbone of the reward model: 'sft' (this pipeline's SFT model), 'base' (the pipeline's `model`), or any
+    model name (a model folder, an HF hub id, 'default')."""
+
+
+class PipelineJudgeConfig(RewardConfig):
+    """Optional judge reward model inside `rlhfkit pipeline`: trained like step 2 but never seen by PPO, so its
+    win rate is an independent check (train it on other comparisons than the reward model's)."""
+
+    output_dir: str = "judge"
+    """Folder of the step, relative to the pipeline's output_dir."""
+    model: str = "base"
+    """Backbone: 'base' (the pipeline's `model`), 'sft' (this pipeline's SFT model) or any model name."""
+
+
+class PipelinePPOConfig(PPOConfig):
+    """Step 3 inside `rlhfkit pipeline`."""
+
+    output_dir: str = "ppo"
+    """Folder of the step, relative to the pipeline's output_dir."""
+    policy_model: str = "sft"
+    """The policy and the frozen reference start from: 'sft' (this pipeline's SFT model) or a model folder."""
+    reward_model: str = "reward"
+    """Reward model (and critic initialisation): 'reward' (this pipeline's reward model) or a reward-model folder."""
+
+
+class PipelineEvaluateConfig(EvaluateConfig):
+    """Step 4 inside `rlhfkit pipeline`."""
+
+    output_dir: str = "eval"
+    """Folder of the step, relative to the pipeline's output_dir."""
+    sft_model: str = "sft"
+    """'sft' (this pipeline's SFT model) or a model folder."""
+    rlhf_model: str = "ppo"
+    """'ppo' (this pipeline's PPO policy) or a model folder."""
+    reward_model: str = "reward"
+    """'reward' (this pipeline's reward model) or a reward-model folder."""
+    judge_reward_model: str | None = None
+    """A judge reward model folder; None: this pipeline's judge if a `judge:` section is given, else no judge."""
+    prompts: list[str] | str | None = None
+    """Held-out prompts; None: the prompts the pipeline holds out of ppo.prompts (heldout_prompt_fraction)."""
+    comparisons: list[str] | str | None = None
+    """Held-out comparisons; None: the reward model's held-out comparisons (reward.eval_data, or the reward.eval_fraction
+    split of reward.data, written to data/reward_heldout.jsonl)."""
+    generation: GenerationSettings | None = None
+    """Sampling settings; None: PPO's rollout settings (ppo.generation), so the KL is the one PPO controlled."""
+
+
+class PipelineConfig(Section):
+    """`rlhfkit pipeline`: SFT -> reward model -> PPO -> evaluation (-> report) in one run folder.
+
+    Each section is that step's config; the pipeline puts each step in output_dir/<section.output_dir> and
+    wires the steps together: the keywords 'base', 'sft', 'reward', 'judge', 'ppo' in a model field mean the
+    pipeline's base model or that step's output. A finished step (final/ complete) is skipped on a re-run and
+    a half-done one resumes from its last checkpoint, so a killed pipeline continues where it stopped."""
+
+    output_dir: str = "runs/pipeline"
+    """Run folder: one sub-folder per step, data/ (held-out splits), pipeline.yaml, report.html."""
+    model: str = "default"
+    """The base model ('base' in the sections): 'default' (SmolLM2-135M-Instruct), an HF hub id or a local folder."""
+    steps: list[Literal["sft", "reward", "judge", "ppo", "evaluate", "report"]] = [
+        "sft", "reward", "judge", "ppo", "evaluate", "report"
+    ]  # fmt: skip
+    """Steps to run, in pipeline order ('judge' runs only if a judge section is given). Leaving a step out needs
+    its output to exist already if a later step uses it."""
+    heldout_prompt_fraction: float = Field(0.1, ge=0, lt=1)
+    """When evaluate.prompts is unset: share of ppo.prompts held out of PPO for the evaluation (split by prompt
+    with ppo.seed, written to data/ppo_prompts.jsonl and data/eval_prompts.jsonl). 0: evaluate on PPO's prompts."""
+    sft: PipelineSFTConfig = PipelineSFTConfig()
+    """Step 1: supervised fine-tuning (every field of `rlhfkit config-doc sft`)."""
+    reward: PipelineRewardConfig = PipelineRewardConfig()
+    """Step 2: the reward model (every field of `rlhfkit config-doc reward`)."""
+    judge: PipelineJudgeConfig | None = None
+    """Optional judge reward model (fields of `rlhfkit config-doc reward`), trained after the reward model and used
+    only by the evaluation; None: no judge."""
+    ppo: PipelinePPOConfig = PipelinePPOConfig()
+    """Step 3: PPO (every field of `rlhfkit config-doc ppo`)."""
+    evaluate: PipelineEvaluateConfig = PipelineEvaluateConfig()
+    """Step 4: the evaluation (every field of `rlhfkit config-doc evaluate`)."""
+
+
+class ChatConfig(Section):
+    """`rlhfkit chat`: a local page where a prompt gets the streamed responses of one or two models side by side."""
+
+    models: list[str] = Field(["default"], min_length=1, max_length=4)
+    """Models to compare (one or two; up to four fit): run folders (their final/ is used), model folders, hub ids."""
+    host: str = "127.0.0.1"
+    """Address to listen on (stay on loopback: the page has no authentication)."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Port to listen on."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Weights and compute in bf16 or fp32."""
+    generation: GenerationSettings = GenerationSettings(max_new_tokens=256, temperature=0.7, top_p=0.9)
+    """Default sampling settings (the page can change max_new_tokens and temperature per prompt); the seed is unused."""
+    max_new_tokens_limit: int = Field(1024, ge=1)
+    """Most tokens the page may ask for per response."""
+
+
+__all__ += [
+    "ChatConfig",
+    "EvaluateConfig",
+    "PipelineConfig",
+    "PipelineEvaluateConfig",
+    "PipelineJudgeConfig",
+    "PipelinePPOConfig",
+    "PipelineRewardConfig",
+    "PipelineSFTConfig",
 ]

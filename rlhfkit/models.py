@@ -147,6 +147,36 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, attr, 0.0)
 
 
+def transformer_blocks(model) -> torch.nn.ModuleList:
+    """The list of transformer blocks of a causal LM (the largest ModuleList in its body)."""
+    backbone, _ = backbone_and_head(model)
+    lists = [m for m in backbone.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(backbone).__name__}: cannot find its transformer blocks")
+    return max(lists, key=len)
+
+
+def train_only_top_layers(model, n: int) -> None:
+    """Freeze everything but the top `n` transformer blocks and the final norm.
+
+    Autograd then never runs backward below the lowest trainable block, so a step costs about
+    (1 + 2n/L) forward passes instead of 3: a large saving on CPU. n = 0 leaves all trainable.
+    """
+    if n <= 0:
+        return
+    blocks = transformer_blocks(model)
+    if n > len(blocks):
+        raise ValueError(f"train_top_layers={n} but the model has {len(blocks)} blocks")
+    keep = {id(p) for block in blocks[len(blocks) - n :] for p in block.parameters()}
+    backbone, _ = backbone_and_head(model)
+    norm = getattr(backbone, "norm", None) or getattr(backbone, "ln_f", None)
+    if norm is not None:
+        keep |= {id(p) for p in norm.parameters()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+
 def apply_lora(model: PreTrainedModel, lora: LoraSettings, adapter_name: str = "default", task_type: str = "CAUSAL_LM"):
     """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen."""
     from peft import LoraConfig, get_peft_model
@@ -168,8 +198,10 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     dropout: bool = False,
     lora: LoraSettings | None = None,
+    train_top_layers: int = 0,
 ) -> PreTrainedModel:
-    """A causal LM ready to train: embeddings match the tokenizer, dropout off unless asked."""
+    """A causal LM ready to train: embeddings match the tokenizer, dropout off unless asked,
+    LoRA adapters if enabled, and only the top `train_top_layers` blocks trainable if > 0."""
     path = resolve_model(name)
     if (Path(path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
@@ -183,6 +215,7 @@ def load_causal_lm(
         disable_dropout(model)
     if lora is not None and lora.enabled:
         model = apply_lora(model, lora)
+    train_only_top_layers(model, train_top_layers)
     return model
 
 

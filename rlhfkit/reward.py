@@ -103,12 +103,30 @@ class RewardModel(torch.nn.Module):
             return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
-def build_reward_model(name: str, tokenizer, *, dtype: torch.dtype = torch.float32, lora=None) -> RewardModel:
-    """A fresh reward model on top of causal LM `name` (dropout off; LoRA adapters if enabled)."""
+def build_reward_model(name: str, tokenizer, *, dtype: torch.dtype = torch.float32, lora=None, trainable_layers: int = 0) -> RewardModel:
+    """A fresh reward model on top of causal LM `name` (dropout off; LoRA adapters if enabled; only the
+    top `trainable_layers` layers trained if > 0)."""
     lm = load_causal_lm(name, tokenizer, dtype=dtype, dropout=False, lora=lora)
     rm = RewardModel(lm)
     _freeze_unused_lm_head(rm)
+    if trainable_layers:
+        freeze_lower_layers(rm, trainable_layers)
     return rm
+
+
+def freeze_lower_layers(rm: RewardModel, trainable_layers: int) -> None:
+    """Freeze the embeddings and every transformer layer below the top `trainable_layers`."""
+    backbone = backbone_and_head(rm.lm)[0]
+    layers = backbone.layers
+    if trainable_layers >= len(layers):
+        return
+    keep = {id(p) for layer in layers[len(layers) - trainable_layers :] for p in layer.parameters()}
+    keep |= {id(p) for p in backbone.norm.parameters()}
+    for p in backbone.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+    hf = rm.lm.get_base_model() if hasattr(rm.lm, "get_base_model") else rm.lm
+    hf.get_output_embeddings().weight.requires_grad_(False)  # tied or not, it is not used
 
 
 def _freeze_unused_lm_head(rm: RewardModel) -> None:
@@ -546,7 +564,9 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         seed=cfg.seed,
         weight=lambda c: 1.0,
     )
-    rm = build_reward_model(base, tokenizer, lora=cfg.lora)
+    rm = build_reward_model(base, tokenizer, lora=cfg.lora, trainable_layers=cfg.trainable_layers)
+    trainable = sum(p.numel() for p in rm.parameters() if p.requires_grad)
+    log.info("reward model: %s, %.1fM of %.1fM parameters trained", base, trainable / 1e6, sum(p.numel() for p in rm.parameters()) / 1e6)
     optimizer = make_optimizer(rm, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps_for(plan, cfg))
     wrapped, optimizer, scheduler = accelerator.prepare(rm, optimizer, scheduler)

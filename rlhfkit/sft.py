@@ -135,7 +135,9 @@ def train_sft(cfg: SFTConfig, tokenizer, train_examples: list[Example], eval_exa
         seed=cfg.seed,
         weight=weight,
     )
-    model = load_causal_lm(cfg.model, tokenizer, dropout=cfg.dropout, lora=cfg.lora)
+    model = load_causal_lm(cfg.model, tokenizer, dropout=cfg.dropout, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped = ResponseLoss(model)
     optimizer = make_optimizer(wrapped, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps_for(plan, cfg))

@@ -12,8 +12,9 @@ import torch
 
 from rlhfkit.config import LoraSettings, RewardConfig
 from rlhfkit.data import Comparison, load_comparisons, split_by_prompt
-from rlhfkit.models import load_tokenizer
+from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.reward import (
+    RewardModel,
     build_reward_model,
     comparison_loss,
     encode_comparison,
@@ -254,6 +255,23 @@ def test_save_load_round_trip(tiny_model_dir, tmp_path, lora):
     else:
         assert after == before
     assert score(loaded, tok2, prompts, responses, normalise=False) == pytest.approx([s * 2.0 + 0.25 for s in after], abs=1e-5)
+    if lora:  # PPO's way: the unmerged adapter on a shared base model gives the same scores
+        from peft import PeftModel
+
+        base = load_causal_lm(str(tiny_model_dir), tok2)
+        shared = RewardModel(PeftModel.from_pretrained(base, out / "adapter"), loaded.head, stats).eval()
+        assert score(shared, tok2, prompts, responses) == pytest.approx(before, abs=1e-5)
+
+
+def test_trainable_layers_freezes_the_lower_layers(tiny_model_dir, tmp_path):
+    data = write_synthetic(tmp_path / "marker.jsonl", n=40)
+    cfg = tiny_config(tmp_path, tiny_model_dir, data, max_steps=2, trainable_layers=1)
+    trained = load_reward_model(run_reward(cfg))[0].lm.state_dict()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    start = load_causal_lm(str(tiny_model_dir), tokenizer).state_dict()
+    vocab = len(tokenizer) - 1  # the added pad row is initialised at random on every load; never trained
+    changed = {k for k in start if not torch.equal(start[k][:vocab], trained[k][:vocab])}
+    assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), changed
 
 
 # ----------------------------------------------------------------------------- commands

@@ -183,3 +183,14 @@ def test_two_process_ddp_matches_single_process(tiny_model_dir, demos_file, tmp_
     a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)  # summation order differs across processes
+
+
+def test_train_top_layers_freezes_the_rest(tiny_model_dir, demos_file, tmp_path):
+    from safetensors.torch import load_file as load
+
+    cfg = sft_config(tiny_model_dir, demos_file, tmp_path / "top", train_top_layers=1, max_steps=3, checkpoint_every=0)
+    run_sft(cfg)
+    before = load(str(tiny_model_dir / "model.safetensors"))
+    after = _final_weights(tmp_path / "top")
+    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(before["model.layers.1.mlp.up_proj.weight"], after["model.layers.1.mlp.up_proj.weight"])

@@ -1,0 +1,372 @@
+"""`rlhfkit pipeline`: SFT -> reward model (-> judge) -> PPO -> evaluation -> report, in one run folder.
+
+    runs/demo/
+        pipeline.yaml        the pipeline config as run (sections with keywords, re-loadable)
+        pipeline_log.jsonl   one line per step start / finish / skip, with seconds
+        data/                held-out splits made by the pipeline (see below)
+        sft/ reward/ [judge/] ppo/    the step run folders (config.yaml, metrics.jsonl, checkpoints/, final/)
+        eval/                eval.json, eval_samples.jsonl
+        report.html          `rlhfkit report runs/demo`
+
+Wiring: every model field of a section may name a pipeline keyword - 'base' (the pipeline's `model`),
+'sft', 'reward', 'judge', 'ppo' (that step's run folder; a run folder stands for its final/ model).
+Defaults: SFT starts from base; the reward model from sft; PPO's policy from sft and its reward model
+(and critic) from reward; the evaluation compares sft with ppo under reward (and judge).
+
+Held-out data: unless `evaluate.prompts` is given, `heldout_prompt_fraction` of ppo.prompts (split by
+prompt, seeded) are written to data/eval_prompts.jsonl and PPO trains on the rest (data/ppo_prompts.jsonl).
+Unless `evaluate.comparisons` is given, the evaluation measures the reward model's accuracy on
+reward.eval_data or else on the very comparisons the reward step holds out itself (the same
+`split_by_prompt(reward.data, reward.eval_fraction, reward.seed)`, a pure function of prompt and seed),
+written to data/reward_heldout.jsonl.
+
+Re-running: a step whose output is complete is skipped (the steps check this themselves, the pipeline
+logs it); a step killed half-way resumes from its last checkpoint. The pipeline warns when a finished
+step's saved config differs from the current one, or when it is older than a step it depends on (its
+inputs changed): delete that step's folder to redo it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .config import (
+    ConfigError,
+    EvaluateConfig,
+    GenerationSettings,
+    PipelineConfig,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    save_config,
+)
+from .training import RunDir
+
+log = logging.getLogger("rlhfkit.pipeline")
+
+ORDER = ("sft", "reward", "judge", "ppo", "evaluate", "report")
+TRAINING_STEPS = ("sft", "reward", "judge", "ppo")
+KEYWORDS = ("base", "sft", "reward", "judge", "ppo")
+TITLES = {
+    "sft": "supervised fine-tuning",
+    "reward": "reward model",
+    "judge": "judge reward model",
+    "ppo": "PPO",
+    "evaluate": "evaluation",
+    "report": "report",
+}
+
+
+@dataclass
+class Split:
+    """`split_by_prompt(load(spec), fraction, seed)`, written to train_file (if any) and heldout_file."""
+
+    spec: Any
+    fraction: float
+    seed: int
+    heldout_file: Path
+    train_file: Path | None = None
+    score_range: Any = None  # comparisons only
+
+
+@dataclass
+class Plan:
+    """The resolved pipeline: one plain step config per step (paths filled in), and the data files to write."""
+
+    run: Path
+    configs: dict[str, Any]  # step name -> SFTConfig / RewardConfig / PPOConfig / EvaluateConfig
+    dirs: dict[str, Path]  # step name -> its folder
+    deps: dict[str, list[str]]  # step name -> pipeline steps whose output it reads
+    heldout_prompts: Split | None = None  # ppo.prompts -> PPO's prompts + the evaluation's
+    heldout_comparisons: Split | None = None  # reward.data -> (the reward step's own split) its held-out part
+    steps: list[str] = field(default_factory=list)  # the steps to run, in order
+
+
+def plan_pipeline(cfg: PipelineConfig) -> Plan:
+    """Resolve keywords and folders into plain step configs (nothing is read or written)."""
+    run = Path(cfg.output_dir)
+    sections = {name: getattr(cfg, name) for name in ("sft", "reward", "judge", "ppo", "evaluate")}
+    sections = {k: v for k, v in sections.items() if v is not None}
+    dirs = {name: run / section.output_dir for name, section in sections.items()}
+    if len(set(dirs.values())) != len(dirs):
+        raise ConfigError(f"pipeline: two steps share a folder: {', '.join(f'{k}={v}' for k, v in dirs.items())}")
+    deps: dict[str, list[str]] = {name: [] for name in sections}
+
+    def ref(step: str, field_name: str, value: str | None, allowed: tuple[str, ...]) -> str | None:
+        if value is None:
+            return None
+        if value == "base":
+            return cfg.model
+        if value in KEYWORDS:
+            if value not in allowed or value not in sections:
+                what = f"'{value}' is not a step of this pipeline" if value not in sections else f"'{value}' cannot be used here"
+                raise ConfigError(f"pipeline: field '{step}.{field_name}': {what} (use one of {', '.join(a for a in allowed if a in sections)}, 'base' or a model)")
+            deps[step].append(value)
+            return str(dirs[value])
+        return value
+
+    def plain(cls, section, **updates):
+        data = section.model_dump()
+        data.update(updates)
+        return cls.model_validate(data)
+
+    configs: dict[str, Any] = {}
+    configs["sft"] = plain(SFTConfig, cfg.sft, output_dir=str(dirs["sft"]), model=ref("sft", "model", cfg.sft.model, ()))
+    configs["reward"] = plain(
+        RewardConfig, cfg.reward, output_dir=str(dirs["reward"]), model=ref("reward", "model", cfg.reward.model, ("sft",))
+    )
+    if cfg.judge is not None:
+        configs["judge"] = plain(
+            RewardConfig, cfg.judge, output_dir=str(dirs["judge"]), model=ref("judge", "model", cfg.judge.model, ("sft",))
+        )
+
+    heldout_prompts = None
+    ppo_prompts = cfg.ppo.prompts
+    eval_prompts = cfg.evaluate.prompts
+    if eval_prompts is None:
+        if cfg.heldout_prompt_fraction > 0:
+            train_file, eval_file = run / "data" / "ppo_prompts.jsonl", run / "data" / "eval_prompts.jsonl"
+            heldout_prompts = Split(cfg.ppo.prompts, cfg.heldout_prompt_fraction, cfg.ppo.seed, eval_file, train_file)
+            ppo_prompts, eval_prompts = str(train_file), str(eval_file)
+        else:
+            eval_prompts = cfg.ppo.prompts
+    configs["ppo"] = plain(
+        PPOConfig,
+        cfg.ppo,
+        output_dir=str(dirs["ppo"]),
+        policy_model=ref("ppo", "policy_model", cfg.ppo.policy_model, ("sft",)),
+        reward_model=ref("ppo", "reward_model", cfg.ppo.reward_model, ("reward", "judge")),
+        prompts=ppo_prompts,
+    )
+
+    ev = cfg.evaluate
+    heldout_comparisons = None
+    comparisons = ev.comparisons
+    if comparisons is None:
+        if cfg.reward.eval_data is not None:
+            comparisons = cfg.reward.eval_data
+        elif cfg.reward.eval_fraction > 0:
+            file = run / "data" / "reward_heldout.jsonl"
+            heldout_comparisons = Split(cfg.reward.data, cfg.reward.eval_fraction, cfg.reward.seed, file, score_range=cfg.reward.score_range)
+            comparisons = str(file)
+    judge = ev.judge_reward_model
+    if judge is None and cfg.judge is not None:
+        judge = "judge"
+    generation = ev.generation
+    if generation is None:
+        generation = GenerationSettings.model_validate(cfg.ppo.generation.model_dump())
+    configs["evaluate"] = plain(
+        EvaluateConfig,
+        ev,
+        output_dir=str(dirs["evaluate"]),
+        sft_model=ref("evaluate", "sft_model", ev.sft_model, ("sft",)),
+        rlhf_model=ref("evaluate", "rlhf_model", ev.rlhf_model, ("sft", "ppo")),
+        reward_model=ref("evaluate", "reward_model", ev.reward_model, ("reward", "judge")),
+        judge_reward_model=ref("evaluate", "judge_reward_model", judge, ("reward", "judge")),
+        prompts=eval_prompts,
+        comparisons=comparisons,
+        generation=generation.model_dump(),
+    )
+    steps = [s for s in ORDER if s in cfg.steps and (s == "report" or s in configs)]
+    return Plan(run, configs, dirs, deps, heldout_prompts, heldout_comparisons, steps)
+
+
+# ----------------------------------------------------------------------------- held-out data
+
+
+def _write_if_changed(path: Path, records: list) -> bool:
+    """Write JSONL records unless the file already holds exactly them (keeps its mtime on re-runs)."""
+    from .data import comparison_to_json, prompt_to_json
+
+    lines = []
+    for r in records:
+        obj = prompt_to_json(r) if isinstance(r, list) else comparison_to_json(r)
+        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+    text = "".join(lines)
+    if path.exists() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return True
+
+
+def prepare_data(plan: Plan) -> None:
+    """Write the held-out splits the plan needs (deterministic; unchanged files are not rewritten)."""
+    from .data import load_comparisons, load_prompts, split_by_prompt
+
+    sp = plan.heldout_prompts
+    if sp is not None:
+        train, held = split_by_prompt(load_prompts(sp.spec), sp.fraction, seed=sp.seed)
+        if not train or not held:
+            raise ValueError(f"{sp.spec}: holding out {sp.fraction:.0%} of the prompts leaves {len(train)} for PPO and {len(held)} for evaluation")
+        _write_if_changed(sp.train_file, train)
+        _write_if_changed(sp.heldout_file, held)
+        log.info("prompts: %d for PPO (%s), %d held out for evaluation (%s)", len(train), sp.train_file, len(held), sp.heldout_file)
+    sc = plan.heldout_comparisons
+    if sc is not None:
+        _, held = split_by_prompt(load_comparisons(sc.spec, score_range=sc.score_range), sc.fraction, seed=sc.seed)
+        _write_if_changed(sc.heldout_file, held)
+        log.info("the reward model's held-out comparisons: %d (%s)", len(held), sc.heldout_file)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _step_done(plan: Plan, name: str) -> bool:
+    if name == "evaluate":
+        return (plan.dirs["evaluate"] / "eval.json").exists()
+    return RunDir(plan.dirs[name]).is_done()
+
+
+def _done_time(plan: Plan, name: str) -> float | None:
+    if not _step_done(plan, name):
+        return None
+    if name == "evaluate":
+        return (plan.dirs["evaluate"] / "eval.json").stat().st_mtime
+    final = RunDir(plan.dirs[name]).final
+    files = [p for p in (final / "config.json", final / "adapter_config.json") if p.exists()]
+    return max(p.stat().st_mtime for p in files)
+
+
+def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def _warn_if_changed(plan: Plan, name: str, done: bool) -> None:
+    """A step that already ran (fully or partly) with another config keeps its earlier run: say so."""
+    if name == "evaluate":
+        return
+    saved_file = plan.dirs[name] / "config.yaml"
+    if not saved_file.exists():
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    current = plan.configs[name].model_dump(mode="json")
+    changed = [c for c in _config_changes(saved, current) if c != "resume"]
+    if changed:
+        what = "was made" if done else "was started"
+        log.warning(
+            "step '%s' %s with another config (differs in: %s); %s. Delete %s to redo it with the current config.",
+            name, what, ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""),
+            "keeping it" if done else "resuming it anyway", plan.dirs[name],
+        )  # fmt: skip
+
+
+def _warn_if_stale(plan: Plan, name: str) -> None:
+    mine = _done_time(plan, name)
+    if mine is None:
+        return
+    for dep in plan.deps.get(name, []):
+        theirs = _done_time(plan, dep)
+        if theirs is not None and theirs > mine:
+            log.warning(
+                "step '%s' (%s) is older than step '%s' it was built from: it was made from an earlier %s. "
+                "Delete %s to redo it.", name, plan.dirs[name], dep, dep, plan.dirs[name],
+            )  # fmt: skip
+
+
+def _check_inputs(plan: Plan, name: str) -> None:
+    for dep in plan.deps.get(name, []):
+        if not _step_done(plan, dep):
+            raise FileNotFoundError(
+                f"step '{name}' needs the output of step '{dep}' ({plan.dirs[dep] / 'final'}), which is missing: "
+                f"run the pipeline with '{dep}' in its steps"
+            )
+
+
+def _runner(name: str) -> Callable[[Any], Any]:
+    if name == "sft":
+        from .sft import run_sft
+
+        return run_sft
+    if name in ("reward", "judge"):
+        from .reward import run_reward
+
+        return run_reward
+    if name == "ppo":
+        from .ppo import run_ppo
+
+        return run_ppo
+    if name == "evaluate":
+        from .evaluate import run_evaluate
+
+        return run_evaluate
+    raise ValueError(name)
+
+
+class _StepLog:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, **record) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+def save_pipeline_config(cfg: PipelineConfig, plan: Plan) -> None:
+    """The pipeline config as run (re-loadable with `--config`), and the resolved step configs beside it."""
+    save_config(cfg, plan.run / "pipeline.yaml")
+    resolved = {name: c.model_dump(mode="json") for name, c in plan.configs.items()}
+    (plan.run / "pipeline.resolved.yaml").write_text(
+        "# The step configs the pipeline derived from pipeline.yaml (for reading; each step also saves its own config.yaml).\n"
+        + yaml.safe_dump(resolved, sort_keys=False)
+    )
+
+
+def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None) -> Plan:
+    """Run (or continue) the pipeline; returns the plan. `steps` overrides cfg.steps."""
+    if steps is not None:
+        unknown = [s for s in steps if s not in ORDER]
+        if unknown:
+            raise ConfigError(f"pipeline: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(ORDER)}")
+        cfg = cfg.model_copy(update={"steps": steps})
+    plan = plan_pipeline(cfg)
+    plan.run.mkdir(parents=True, exist_ok=True)
+    save_pipeline_config(cfg, plan)
+    prepare_data(plan)
+    journal = _StepLog(plan.run / "pipeline_log.jsonl")
+    todo = [s for s in plan.steps if s != "report"]
+    log.info("pipeline %s: steps %s", plan.run, " -> ".join(plan.steps))
+    for i, name in enumerate(todo, 1):
+        header = f"step {i}/{len(todo)}: {TITLES[name]} ({plan.dirs[name]})"
+        done = _step_done(plan, name)
+        _warn_if_changed(plan, name, done)
+        if done:
+            _warn_if_stale(plan, name)
+            log.info("%s: already done, skipped", header)
+            journal.write(step=name, event="skipped")
+            continue
+        _check_inputs(plan, name)
+        resuming = name in TRAINING_STEPS and RunDir(plan.dirs[name]).latest_checkpoint() is not None
+        log.info("%s: %s", header, "resuming from its last checkpoint" if resuming else "starting")
+        journal.write(step=name, event="start", resume=resuming)
+        t0 = time.time()
+        _runner(name)(plan.configs[name])
+        seconds = time.time() - t0
+        journal.write(step=name, event="done", seconds=seconds)
+        log.info("%s: finished in %.0f s", header, seconds)
+    if "report" in plan.steps:
+        from .report import render_report
+
+        out = render_report(plan.run)
+        log.info("report: %s", out)
+    return plan
+
+
+__all__ = ["ORDER", "Plan", "plan_pipeline", "prepare_data", "run_pipeline"]

@@ -1,0 +1,464 @@
+"""`rlhfkit report RUN_DIR`: one self-contained HTML page about a pipeline run.
+
+The page (RUN_DIR/report.html) holds: the steps and their status, the evaluation (the SFT vs RLHF table and
+the reward model's held-out accuracy), the training curves of every step that exists (SFT train/eval loss;
+reward model loss and accuracy; PPO score, KL, beta, response length, EOS share and entropy per iteration),
+and sample prompts with the SFT and RLHF responses side by side with their scores.
+
+Self-contained: the plots are PNGs (matplotlib, Agg backend) embedded as base64 data URLs, the CSS is inline,
+there is no script and no external URL; a Content-Security-Policy meta tag forbids loading anything else.
+Every text from the run (prompts, responses, paths) is HTML-escaped: model output cannot inject markup.
+
+RUN_DIR is a pipeline run folder (sub-folders sft/, reward/, judge/, ppo/, eval/ - or those named in its
+pipeline.resolved.yaml), or a single step's run folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+from .training import RunDir, read_metrics
+
+STEP_TITLES = {"sft": "SFT", "reward": "Reward model", "judge": "Judge reward model", "ppo": "PPO"}
+PPO_PANELS = [
+    ("score", "reward-model score (normalised)"),
+    ("kl", "KL from SFT (nats / response)"),
+    ("beta", "KL coefficient beta"),
+    ("response_length", "response length (tokens)"),
+    ("eos_share", "responses ending with EOS"),
+    ("entropy", "entropy (nats / token)"),
+]
+COLORS = {"train": "#1a5fb4", "eval": "#c64600", "extra": "#26734d", "target": "#777777"}
+
+CSS = """
+:root { --fg:#1d1d1f; --muted:#5f6368; --line:#d0d4d9; --bg:#f6f7f9; --card:#fff; --accent:#1a5fb4; --good:#26734d; --bad:#a51d2d; }
+* { box-sizing: border-box; }
+body { margin:0; font:15px/1.5 system-ui,-apple-system,"Segoe UI","DejaVu Sans",sans-serif; color:var(--fg); background:var(--bg); }
+header { background:var(--card); border-bottom:1px solid var(--line); padding:0.9rem 1.5rem; }
+header h1 { margin:0; font-size:1.3rem; }
+header .muted { margin-top:0.2rem; }
+main { max-width:72rem; margin:0 auto; padding:0.5rem 1.5rem 3rem; }
+h2 { font-size:1.1rem; margin:1.6rem 0 0.6rem; }
+h3 { font-size:0.98rem; margin:1rem 0 0.4rem; }
+.muted { color:var(--muted); font-size:0.88rem; }
+.cards { display:flex; flex-wrap:wrap; gap:0.8rem; margin-top:1rem; }
+.card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:0.6rem 1rem; min-width:11rem; }
+.card .value { font-size:1.5rem; font-weight:650; }
+.card .label { color:var(--muted); font-size:0.82rem; }
+.good { color:var(--good); } .bad { color:var(--bad); }
+table { border-collapse:collapse; background:var(--card); border:1px solid var(--line); border-radius:6px; }
+th, td { padding:0.35rem 0.8rem; border-bottom:1px solid var(--line); text-align:right; font-variant-numeric:tabular-nums; }
+th:first-child, td:first-child { text-align:left; }
+thead th { background:#eef1f5; font-weight:600; }
+figure { margin:0.4rem 0 1rem; background:var(--card); border:1px solid var(--line); border-radius:8px; padding:0.4rem; }
+figure img { display:block; width:100%; height:auto; }
+figcaption { color:var(--muted); font-size:0.85rem; padding:0.2rem 0.4rem; }
+.sample { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:0.7rem 0.9rem; margin:0 0 1rem; }
+.prompt { white-space:pre-wrap; overflow-wrap:anywhere; font-weight:600; margin-bottom:0.5rem; }
+.context { white-space:pre-wrap; overflow-wrap:anywhere; color:var(--muted); font-size:0.88rem; }
+.pair { display:grid; grid-template-columns:1fr 1fr; gap:0.8rem; }
+.response { border:1px solid var(--line); border-radius:6px; padding:0.5rem 0.7rem; background:#fbfbfc; }
+.response.winner { border-color:var(--good); box-shadow:inset 3px 0 0 var(--good); }
+.response .head { display:flex; justify-content:space-between; gap:0.5rem; font-size:0.82rem; color:var(--muted); margin-bottom:0.3rem; }
+.response .head b { color:var(--fg); }
+.text { white-space:pre-wrap; overflow-wrap:anywhere; }
+code { font-size:0.85rem; }
+@media (max-width: 50rem) { .pair { grid-template-columns:1fr; } }
+"""
+
+
+# ----------------------------------------------------------------------------- finding the parts
+
+
+def _step_dirs(run: Path) -> tuple[dict[str, Path], Path | None]:
+    """Folders of the training steps that exist, and of the evaluation (or None)."""
+    resolved = run / "pipeline.resolved.yaml"
+    names = {"sft": run / "sft", "reward": run / "reward", "judge": run / "judge", "ppo": run / "ppo"}
+    eval_dir = run / "eval"
+    if resolved.exists():
+        configs = yaml.safe_load(resolved.read_text()) or {}
+        for name in names:
+            if name in configs and configs[name].get("output_dir"):
+                names[name] = Path(configs[name]["output_dir"])
+        if configs.get("evaluate", {}).get("output_dir"):
+            eval_dir = Path(configs["evaluate"]["output_dir"])
+    steps = {name: d for name, d in names.items() if (d / "metrics.jsonl").exists() or (d / "final").exists()}
+    if not steps and (run / "metrics.jsonl").exists():  # a single step's run folder
+        steps = {_kind_of(run): run}
+    if not (eval_dir / "eval.json").exists():
+        eval_dir = run if (run / "eval.json").exists() else None
+    return steps, eval_dir
+
+
+def _kind_of(run: Path) -> str:
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
+    cfg = cfg or {}
+    if "policy_model" in cfg:
+        return "ppo"
+    if "margin_scale" in cfg:
+        return "reward"
+    if cfg:
+        return "sft"
+    keys = {k for m in read_metrics(run / "metrics.jsonl") for k in m}
+    return "ppo" if "kl" in keys else "reward" if "accuracy" in keys else "sft"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: skip it
+                pass
+    return out
+
+
+def _series(metrics: list[dict], key: str, phase: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for m in metrics:
+        v = m.get(key)
+        if m.get("phase", "train") == phase and isinstance(v, (int, float)) and math.isfinite(v):
+            xs.append(m["step"])
+            ys.append(v)
+    return xs, ys
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _ema(ys: list[float], alpha: float) -> list[float]:
+    out, acc = [], None
+    for y in ys:
+        acc = y if acc is None else alpha * y + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(panels: int, cols: int = 3):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    rows = math.ceil(panels / cols)
+    cols = min(cols, panels)
+    fig = Figure(figsize=(3.9 * cols, 2.7 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten().tolist()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    for ax in axes[:panels]:
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.tick_params(labelsize=8)
+    return fig, axes[:panels]
+
+
+def _plot_line(ax, xs, ys, color, label, smooth: bool = True) -> None:
+    if not xs:
+        return
+    if len(xs) == 1:
+        ax.plot(xs, ys, "o", color=color, label=label, markersize=5)
+        return
+    if smooth and len(xs) >= 12:
+        ax.plot(xs, ys, color=color, alpha=0.28, linewidth=1)
+        ax.plot(xs, _ema(ys, 2 / (1 + max(3, len(xs) // 10))), color=color, linewidth=1.8, label=label + " (smoothed)")
+    else:
+        ax.plot(xs, ys, color=color, linewidth=1.6, label=label, marker="o" if len(xs) <= 30 else None, markersize=3)
+
+
+def _train_eval_panels(metrics: list[dict], keys: list[tuple[str, str]], xlabel: str = "optimiser step") -> str | None:
+    panels = [(k, t) for k, t in keys if _series(metrics, k, "train")[0] or _series(metrics, k, "eval")[0]]
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels), cols=len(panels))
+    for ax, (key, title) in zip(axes, panels):
+        _plot_line(ax, *_series(metrics, key, "train"), COLORS["train"], "train")
+        ex, ey = _series(metrics, key, "eval")
+        if ex:
+            ax.plot(ex, ey, "o-", color=COLORS["eval"], label="held-out", linewidth=1.6, markersize=4)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.legend(fontsize=7, frameon=False)
+    return _png(fig)
+
+
+def plot_sft(metrics: list[dict]) -> str | None:
+    return _train_eval_panels(metrics, [("loss", "loss (nats / response token)"), ("token_accuracy", "next-token accuracy")])
+
+
+def plot_reward(metrics: list[dict]) -> str | None:
+    return _train_eval_panels(
+        metrics, [("loss", "pairwise loss"), ("accuracy", "pairwise accuracy"), ("margin", "mean margin r_better - r_worse")]
+    )
+
+
+def plot_ppo(metrics: list[dict], config: dict) -> str | None:
+    panels = [(k, t) for k, t in PPO_PANELS if _series(metrics, k, "train")[0]]
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels), cols=3)
+    for ax, (key, title) in zip(axes, panels):
+        xs, ys = _series(metrics, key, "train")
+        _plot_line(ax, xs, ys, COLORS["train"], key)
+        if key == "score":
+            px, py = _series(metrics, "score_penalised", "train")
+            if py and py != ys:
+                _plot_line(ax, px, py, COLORS["extra"], "with missing-EOS penalty")
+        if key == "kl" and config.get("adaptive_kl") and config.get("target_kl"):
+            ax.axhline(config["target_kl"], color=COLORS["target"], linestyle="--", linewidth=1, label="target")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO iteration", fontsize=8)
+        if key == "eos_share":
+            ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=7, frameon=False)
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------- HTML pieces
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(x, spec: str = ".3f") -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _table(header: Iterable[str], rows: Iterable[Iterable[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{_e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _img(b64: str, alt: str, caption: str) -> str:
+    return f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{b64}"><figcaption>{_e(caption)}</figcaption></figure>'
+
+
+def _step_status(name: str, folder: Path, metrics: list[dict], timings: dict[str, float]) -> list[str]:
+    run = RunDir(folder)
+    train_steps = [m["step"] for m in metrics if m.get("phase", "train") == "train"]
+    last = max(train_steps, default=0)
+    total = None
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        try:
+            total = json.loads((latest / "trainer_state.json").read_text()).get("total_steps")
+        except (OSError, ValueError):
+            total = None
+    status = "done" if run.is_done() else "not finished"
+    progress = f"{last}" + (f" / {total}" if total else "")
+    seconds = timings.get(name)
+    return [STEP_TITLES.get(name, name), status, progress, f"{seconds / 60:.1f} min" if seconds else "—", str(folder)]
+
+
+def _timings(run: Path) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in _read_jsonl(run / "pipeline_log.jsonl"):
+        if r.get("event") == "done" and isinstance(r.get("seconds"), (int, float)):
+            out[r["step"]] = out.get(r["step"], 0.0) + r["seconds"]
+    return out
+
+
+def _cards(ev: dict) -> str:
+    wr = ev["win_rate"]["reward_model"]
+    rl, sft = ev["policies"]["rlhf"], ev["policies"]["sft"]
+    delta = (rl.get("score") or 0) - (sft.get("score") or 0) if rl.get("score") is not None and sft.get("score") is not None else None
+    cards = [
+        (f"{_num(wr.get('rate'), '.0%')}", f"RLHF win rate over SFT (reward model) ± {_num(wr.get('stderr'), '.0%')}",
+         "good" if (wr.get("rate") or 0) > 0.5 else "bad"),
+        (f"{_num(delta, '+.2f')}", f"score change, {_num(sft.get('score'), '.2f')} → {_num(rl.get('score'), '.2f')}",
+         "good" if (delta or 0) > 0 else "bad"),
+        (f"{_num(rl.get('kl_from_sft'), '.2f')}", "KL from SFT (nats / response)", ""),
+    ]
+    if ev["win_rate"].get("judge"):
+        wj = ev["win_rate"]["judge"]
+        cards.insert(1, (f"{_num(wj.get('rate'), '.0%')}", f"win rate under the held-out judge ± {_num(wj.get('stderr'), '.0%')}",
+                         "good" if (wj.get("rate") or 0) > 0.5 else "bad"))
+    acc = ev.get("reward_model_accuracy")
+    if acc:
+        cards.append((f"{_num(acc.get('accuracy'), '.0%')}", "reward-model accuracy on held-out pairs", ""))
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="value {cls}">{_e(v)}</div><div class="label">{_e(label)}</div></div>' for v, label, cls in cards
+    ) + "</div>"
+
+
+def _accuracy_table(ev: dict) -> str:
+    rows = []
+    for name, key in (("reward model", "reward_model_accuracy"), ("judge", "judge_accuracy")):
+        acc = ev.get(key)
+        if not acc:
+            continue
+        rows.append([f"{name}: all", str(acc.get("pairs")), _num(acc.get("accuracy")), _num(acc.get("length_baseline_accuracy")), _num(acc.get("mean_margin"))])
+        for source, m in (acc.get("by_source") or {}).items():
+            rows.append([f"  {source}", str(m.get("pairs")), _num(m.get("accuracy")), _num(m.get("length_baseline_accuracy")), _num(m.get("mean_margin"))])
+    if not rows:
+        return ""
+    return "<h3>Reward-model pairwise accuracy on held-out comparisons</h3>" + _table(
+        ["subset", "pairs", "accuracy", "longer-response baseline", "mean margin"], rows
+    )
+
+
+def _response_box(title: str, r: dict, other: dict, judge: bool) -> str:
+    win = r.get("score") is not None and other.get("score") is not None and r["score"] > other["score"]
+    bits = [f"score {_num(r.get('score'), '+.2f')}"]
+    if judge and r.get("judge_score") is not None:
+        bits.append(f"judge {_num(r.get('judge_score'), '+.2f')}")
+    bits.append(f"{r.get('length', '?')} tokens" + ("" if r.get("has_eos", True) else ", no EOS"))
+    return (
+        f'<div class="response{" winner" if win else ""}"><div class="head"><b>{_e(title)}</b>'
+        f"<span>{_e(' · '.join(bits))}</span></div>"
+        f'<div class="text">{_e(r.get("response", ""))}</div></div>'
+    )
+
+
+def _conversation(messages: list[dict], prompt: str) -> str:
+    context = messages[:-1] if messages else []
+    out = ""
+    if context:
+        turns = "\n\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in context)
+        out += f'<details><summary class="muted">earlier turns ({len(context)})</summary><div class="context">{_e(turns)}</div></details>'
+    return out + f'<div class="prompt">{_e(prompt)}</div>'
+
+
+def _samples(records: list[dict], n: int, judge: bool) -> str:
+    parts = []
+    for r in records[:n]:
+        sft, rl = r.get("sft", {}), r.get("rlhf", {})
+        parts.append(
+            '<div class="sample">'
+            + _conversation(r.get("messages") or [], r.get("prompt", ""))
+            + '<div class="pair">'
+            + _response_box("SFT", sft, rl, judge)
+            + _response_box("RLHF", rl, sft, judge)
+            + "</div></div>"
+        )
+    return "".join(parts)
+
+
+def _ppo_samples(records: list[dict], n: int) -> str:
+    if not records:
+        return ""
+    last = max(r.get("iteration", 0) for r in records)
+    chosen = [r for r in records if r.get("iteration") == last][:n]
+    parts = [f"<h3>PPO rollouts at iteration {_e(last)}</h3>"]
+    for r in chosen:
+        head = f"score {_num(r.get('score'), '+.2f')} · KL {_num(r.get('kl'), '.2f')} · {r.get('length', '?')} tokens"
+        parts.append(
+            '<div class="sample">' + _conversation(r.get("messages") or [], r.get("prompt", ""))
+            + f'<div class="response"><div class="head"><b>policy</b><span>{_e(head)}</span></div>'
+            + f'<div class="text">{_e(r.get("response", ""))}</div></div></div>'
+        )  # fmt: skip
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def build_report(run_dir: str | Path, max_samples: int = 8) -> str:
+    """The HTML text of the report of `run_dir`."""
+    from .evaluate import accuracy_line, eval_rows
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
+    steps, eval_dir = _step_dirs(run)
+    timings = _timings(run)
+    metrics = {name: read_metrics(d / "metrics.jsonl") for name, d in steps.items()}
+    body: list[str] = []
+
+    ev = json.loads((eval_dir / "eval.json").read_text()) if eval_dir else None
+    if ev:
+        body.append(_cards(ev))
+    if steps:
+        rows = [_step_status(name, d, metrics[name], timings) for name, d in steps.items()]
+        body.append("<h2>Steps</h2>" + _table(["step", "status", "steps logged", "time", "folder"], rows))
+
+    if ev:
+        body.append(f"<h2>Evaluation: SFT vs RLHF on {_e(ev.get('n_prompts'))} held-out prompts</h2>")
+        body.append(_table(["metric", "SFT", "RLHF"], eval_rows(ev), "eval"))
+        wr = ev["win_rate"]["reward_model"]
+        gen = ev.get("generation") or {}
+        notes = [
+            f"Paired score difference RLHF - SFT: {_num(wr.get('score_delta'), '+.3f')} ± {_num(wr.get('score_delta_stderr'))} "
+            f"({wr.get('wins')} wins, {wr.get('ties')} ties, {wr.get('losses')} losses).",
+            f"Sampling: temperature {gen.get('temperature')}, top_p {gen.get('top_p')}, at most {gen.get('max_new_tokens')} new tokens, seed {gen.get('seed')}. "
+            "KL = mean over RLHF's responses of the summed per-token log-ratio log π_RLHF − log π_SFT.",
+        ]
+        for name, key in (("reward model", "reward_model_accuracy"), ("judge", "judge_accuracy")):
+            line = accuracy_line(name, ev.get(key))
+            if line:
+                notes.append(line + ".")
+        body.append("".join(f'<p class="muted">{_e(n)}</p>' for n in notes))
+        body.append(_accuracy_table(ev))
+
+    if steps:
+        body.append("<h2>Training curves</h2>")
+        for name, folder in steps.items():
+            m = metrics[name]
+            config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
+            if name == "sft":
+                img = plot_sft(m)
+                caption = "SFT: cross-entropy on response tokens per optimiser step (train) and on held-out demonstrations."
+            elif name in ("reward", "judge"):
+                img = plot_reward(m)
+                caption = f"{STEP_TITLES[name]}: pairwise loss and accuracy on training batches and on held-out comparisons."
+            else:
+                img = plot_ppo(m, config or {})
+                caption = "PPO, per iteration: mean reward-model score of the rollouts, KL from the SFT policy, beta, response length, EOS share, entropy."
+            body.append(f"<h3>{_e(STEP_TITLES[name])}</h3>")
+            body.append(_img(img, f"{STEP_TITLES[name]} training curves", caption) if img else '<p class="muted">no metrics logged yet</p>')
+
+    if eval_dir:
+        records = _read_jsonl(eval_dir / "eval_samples.jsonl")
+        if records:
+            body.append(f"<h2>Samples: the first {min(max_samples, len(records))} held-out prompts</h2>")
+            body.append('<p class="muted">The higher reward-model score is outlined in green.</p>')
+            body.append(_samples(records, max_samples, bool(ev and ev["win_rate"].get("judge"))))
+    elif "ppo" in steps:
+        body.append(_ppo_samples(_read_jsonl(steps["ppo"] / "samples.jsonl"), 4))
+
+    if not body:
+        body.append('<p class="muted">Nothing to report yet: no step has logged metrics.</p>')
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+    title = f"rlhfkit report: {run.resolve().name}"
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>{_e(title)}</h1><div class=\"muted\">{_e(str(run))} · generated {_e(when)}</div></header>"
+        f"<main>{''.join(body)}</main></body></html>\n"
+    )
+
+
+def render_report(run_dir: str | Path, output: str | Path | None = None, max_samples: int = 8) -> Path:
+    """Write the report (default RUN_DIR/report.html) and return its path."""
+    text = build_report(run_dir, max_samples)
+    out = Path(output) if output else Path(run_dir) / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+__all__ = ["build_report", "render_report"]

@@ -1,0 +1,368 @@
+"""Step 3 (PPO) with tiny random models: rollout truncation and the missing-EOS penalty, shapes
+and masking, the reference equals the policy at the start, resume after a kill, the NaN guard,
+the final policy folder, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import WORDS
+from rlhfkit.config import ConfigError, PPOConfig, load_config
+from rlhfkit.ppo import PPOTrainer, Rollout, policy_logprobs, run_ppo
+from rlhfkit.ppo_math import first_eos_mask
+from rlhfkit.training import NonFiniteError, read_metrics
+
+LORA = {"enabled": True, "r": 4, "alpha": 8}
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward model on the tiny LM with a random head, saved by step 2's code."""
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.reward import build_reward_model, save_reward_model
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(1)
+    rm = build_reward_model(str(tiny_model_dir), tok)
+    out = tmp_path_factory.mktemp("rm") / "final"
+    return save_reward_model(rm, tok, out, {"mean": 0.05, "std": 0.5, "base_model": str(tiny_model_dir), "lora": False})
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    rng = random.Random(2)
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    with path.open("w") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) + f" {i}"}) + "\n")
+    return path
+
+
+def ppo_config(tiny_model_dir, reward_dir, prompts_file, out, **overrides) -> PPOConfig:
+    fields = dict(
+        policy_model=str(tiny_model_dir),
+        reward_model=str(reward_dir),
+        prompts=str(prompts_file),
+        output_dir=str(out),
+        precision="fp32",
+        prompts_per_iteration=8,
+        minibatch_size=4,
+        batch_size=2,
+        ppo_epochs=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        generation={"max_new_tokens": 8, "temperature": 1.0, "batch_size": 8},
+        checkpoint_every=1,
+        sample_every=1,
+        samples_per_log=2,
+    )
+    fields.update(overrides)
+    return PPOConfig(**fields)
+
+
+def _rollout_by_hand(trainer: PPOTrainer, responses: list[list[int]], width: int) -> Rollout:
+    """A rollout whose responses we choose (right-padded with pad to `width`)."""
+    tok = trainer.tokenizer
+    messages = [[{"role": "user", "content": f"say something {i}"}] for i in range(len(responses))]
+    from rlhfkit.tokens import encode_prompt, pad
+
+    ids = [encode_prompt(tok, m) for m in messages]
+    prompt_ids, prompt_mask = pad(ids, tok.pad_token_id, side="left"), pad([[1] * len(i) for i in ids], 0, side="left")
+    raw = pad(responses, tok.pad_token_id, length=width)
+    mask, has_eos = first_eos_mask(raw, tok.eos_token_id, tok.pad_token_id)
+    return Rollout(messages, prompt_ids, prompt_mask, raw.masked_fill(~mask, tok.pad_token_id), mask, has_eos)
+
+
+def test_rollout_truncates_after_first_eos(tiny_model_dir, reward_dir, prompts_file, tmp_path, monkeypatch):
+    import rlhfkit.ppo as ppo
+
+    cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", generation={"max_new_tokens": 6, "temperature": 1.0})
+    trainer = PPOTrainer(cfg)
+    trainer.iteration_index = 0
+    tok = trainer.tokenizer
+    E, P = tok.eos_token_id, tok.pad_token_id
+    a, b, c = tok("yes banana apple", add_special_tokens=False)["input_ids"][:3]
+    # what a sampler may return: EOS then more tokens, no EOS at all, EOS first, stopped early and padded
+    sampled = torch.tensor([[a, b, E, c, E, a], [a, b, c, a, b, c], [E, a, b, c, a, b], [a, E, P, P, P, P]])
+    seen = {}
+
+    def fake_sample_ids(model, prompt_ids, attention_mask, gen, eos_id, pad_id):
+        seen["prompt"] = (prompt_ids, attention_mask)
+        return sampled[:, :5] if prompt_ids.shape[0] == 4 else sampled  # a shorter output gets padded
+
+    monkeypatch.setattr(ppo, "sample_ids", fake_sample_ids)
+    batch = trainer.rollout(trainer.prompts[:4])
+    assert batch.has_eos.tolist() == [True, False, True, True]
+    assert batch.mask.sum(1).tolist() == [3, 5, 1, 2]
+    assert batch.response_ids.tolist() == [[a, b, E, P, P], [a, b, c, a, b], [E, P, P, P, P], [a, E, P, P, P]]
+    assert batch.response_ids.shape[1] == 5  # trimmed to the longest response
+    prompt_ids, prompt_mask = seen["prompt"]
+    assert (prompt_mask[:, -1] == 1).all() and (prompt_mask[:, 0] == 1).any()  # left-padded, no all-pad column
+
+    # real sampling: every row is valid up to its first EOS and padding after it
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    batch = trainer.rollout(trainer.prompts[:8])
+    T = batch.response_ids.shape[1]
+    for row, m, has in zip(batch.response_ids.tolist(), batch.mask.tolist(), batch.has_eos.tolist()):
+        n = sum(m)
+        assert m == [True] * n + [False] * (T - n)
+        assert all(t == P for t in row[n:])
+        assert (row[n - 1] == E) == has and E not in row[: n - 1]
+
+
+def test_missing_eos_penalty_and_score_clip(tiny_model_dir, reward_dir, prompts_file, tmp_path):
+    trainer = PPOTrainer(ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run"))
+    trainer.iteration_index = 0
+    tok = trainer.tokenizer
+    eos = tok.eos_token_id
+    words = tok("yes banana apple", add_special_tokens=False)["input_ids"][:3]
+    responses = [words + [eos], words, words[:1] + [eos, *words], words[:2]]  # with EOS, cut, EOS mid-way, cut
+    batch = _rollout_by_hand(trainer, responses, width=6)
+    assert batch.has_eos.tolist() == [True, False, True, False]
+    assert batch.mask.sum(1).tolist() == [len(words) + 1, len(words), 2, 2]
+    trainer.score(batch)
+    # replace (default): a response without EOS scores -missing_eos_penalty = -1 after normalisation
+    assert batch.scores[1].item() == -1.0 and batch.scores[3].item() == -1.0
+    assert torch.equal(batch.scores[[0, 2]], batch.rm_scores[[0, 2]])
+
+    trainer.cfg.missing_eos = "subtract"
+    trainer.cfg.missing_eos_penalty = 0.5
+    trainer.cfg.score_clip = 0.1
+    trainer.score(batch)
+    clipped = batch.rm_scores.clamp(-0.1, 0.1)
+    torch.testing.assert_close(batch.scores, clipped - 0.5 * (~batch.has_eos).float())
+
+
+def test_reward_model_reads_policy_ids_like_text(tiny_model_dir, reward_dir, prompts_file, tmp_path):
+    """Same vocabulary: the token ids are reused; the score equals step 2's text-based `score`."""
+    from rlhfkit.reward import score
+
+    trainer = PPOTrainer(ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run"))
+    trainer.iteration_index = 0
+    tok = trainer.tokenizer
+    assert trainer.nets.same_vocab
+    texts = ["yes banana apple", "the river", "no"]
+    responses = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    batch = _rollout_by_hand(trainer, responses, width=8)
+    trainer.score(batch)
+    expected = score(trainer.nets.reward_model, trainer.nets.rm_tokenizer, batch.messages, texts, 4, normalise=True)
+    torch.testing.assert_close(batch.rm_scores, torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_shapes_masking_and_rewards(tiny_model_dir, reward_dir, prompts_file, tmp_path):
+    trainer = PPOTrainer(ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run"))
+    trainer.iteration_index = 0
+    tok = trainer.tokenizer
+    words = tok("sure banana apple river the", add_special_tokens=False)["input_ids"][:5]
+    responses = [words + [tok.eos_token_id], words[:2] + [tok.eos_token_id], words[:3]]
+    batch = _rollout_by_hand(trainer, responses, width=7)
+    trainer.score(batch)
+    trainer.logprobs_and_values(batch)
+    # perturb the reference so the KL is not zero
+    batch.ref_logprobs = batch.ref_logprobs - 0.1 * torch.arange(batch.ref_logprobs.shape[1])
+    beta = 0.3
+    trainer.kl_rewards(batch, beta)
+    trainer.compute_advantages(batch)
+    B, T = batch.response_ids.shape
+    for name in ("old_logprobs", "ref_logprobs", "values", "entropy", "rewards", "kl", "advantages", "returns"):
+        assert getattr(batch, name).shape == (B, T), name
+    pad = ~batch.mask
+    for name in ("rewards", "kl", "advantages", "returns"):
+        assert (getattr(batch, name)[pad] == 0).all(), f"{name} is not 0 on padding"
+    lengths = batch.mask.sum(1)
+    for b in range(B):
+        last = lengths[b] - 1
+        expected = -beta * batch.kl[b, last] + batch.scores[b]
+        torch.testing.assert_close(batch.rewards[b, last], expected)
+        torch.testing.assert_close(batch.rewards[b, :last], -beta * batch.kl[b, :last])
+    # whitened over valid tokens only
+    valid = batch.advantages[batch.mask]
+    assert abs(valid.mean().item()) < 1e-5 and abs(valid.std().item() - 1) < 1e-3
+
+    # a row's log-probs and values do not depend on the padding around it (other rows, trimming)
+    alone = batch.micro(slice(1, 2))
+    lp, v, _, _, _ = trainer.ac(**{k: alone[k] for k in ("prompt_ids", "prompt_mask", "response_ids", "mask")})
+    n = int(lengths[1])
+    torch.testing.assert_close(lp[0, :n], batch.old_logprobs[1, :n], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(v[0, :n], batch.values[1, :n], rtol=1e-4, atol=1e-5)
+
+
+def test_recomputed_logprobs_match_sampling_distribution(tiny_model_dir, reward_dir, prompts_file, tmp_path):
+    """The rollout-policy log-probs are those of the distribution the tokens were sampled from
+    (softmax of logits / temperature), even with left-padded prompts of different lengths."""
+    cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", generation={"max_new_tokens": 6, "temperature": 0.7})
+    trainer = PPOTrainer(cfg)
+    trainer.iteration_index = 0
+    tok = trainer.tokenizer
+    batch = trainer.rollout(trainer.prompts[:4])
+    trainer.logprobs_and_values(batch)
+    policy = trainer.ac.policy
+    for b in range(4):  # the generation logits of each row, fed one token at a time without padding
+        prompt = batch.prompt_ids[b][batch.prompt_mask[b].bool()][None]
+        resp = batch.response_ids[b][batch.mask[b]]
+        with torch.no_grad():
+            logits = policy(input_ids=torch.cat([prompt[0], resp])[None]).logits[0, prompt.shape[1] - 1 : -1]
+        expected = torch.log_softmax(logits / 0.7, -1).gather(-1, resp[:, None]).squeeze(-1)
+        torch.testing.assert_close(batch.old_logprobs[b, : len(resp)], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "lora, critic_init",
+    [(False, "reward"), (True, "reward"), (True, "policy")],
+    ids=["full", "lora-critic-from-reward", "lora-shared-base"],
+)
+def test_reference_equals_policy_at_start_and_final_policy_loads(tiny_model_dir, reward_dir, prompts_file, tmp_path, lora, critic_init):
+    extra = {"lora": LORA} if lora else {}
+    cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=1, critic_init=critic_init, **extra)
+    trainer = PPOTrainer(cfg)
+    nets = trainer.nets
+    if lora:
+        assert nets.reference is None  # the reference is the policy's base with the adapter off
+        n_base = sum(p.numel() for p in trainer.ac.parameters() if not p.requires_grad)
+        n_policy_lm = sum(p.numel() for p in trainer.ac.policy.get_base_model().parameters() if not p.requires_grad)
+        # one frozen copy of the SFT base (+ the reward model's base for the critic, which IS the reward model)
+        assert n_base == n_policy_lm * (2 if critic_init == "reward" else 1)
+        if critic_init == "reward":
+            rm_params = {id(p) for p in nets.reward_model.parameters()}
+            assert all(id(p) in rm_params for p in trainer.ac.critic_backbone.parameters())
+    metrics = trainer.iteration(0)
+    batch = trainer._last_batch
+    assert torch.equal(batch.old_logprobs, batch.ref_logprobs)  # bit-identical before any update
+    assert (batch.kl_k1 == 0).all() and metrics["kl"] == 0.0
+    assert trainer.policy_params and trainer.critic_params
+    # after the update the policy moved away from the reference, and the reference did not move
+    trainer.iteration_index = 1
+    trainer.logprobs_and_values(batch)
+    assert not torch.equal(batch.old_logprobs, batch.ref_logprobs)
+    with trainer._reference_active() as ref:
+        again = policy_logprobs(ref, batch.micro(slice(None)), 1.0)[0]
+    T = again.shape[1]
+    torch.testing.assert_close(again[batch.mask[:, :T]], batch.ref_logprobs[:, :T][batch.mask[:, :T]])
+
+    trainer.save_final()
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")  # merged, plain transformers
+    assert not (tmp_path / "run" / "final" / "adapter_config.json").exists()
+    lp = policy_logprobs(final, batch.micro(slice(None)), 1.0)[0]
+    torch.testing.assert_close(lp[batch.mask[:, :T]], batch.old_logprobs[:, :T][batch.mask[:, :T]], rtol=1e-4, atol=1e-4)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_after_kill_matches_uninterrupted(tiny_model_dir, reward_dir, prompts_file, tmp_path, lora):
+    extra = dict(
+        max_steps=4, checkpoint_every=2, adaptive_kl=True, target_kl=0.01, kl_horizon=20, init_kl_coef=0.1,
+        ptx_data=None, **({"lora": LORA, "critic_init": "policy"} if lora else {}),
+    )  # fmt: skip
+    straight = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "a", **extra)
+    run_ppo(straight)
+    broken = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "b", **extra)
+    run_ppo(broken, stop_after=3)  # "killed" after iteration 3, before its checkpoint (every 2)
+    assert not (tmp_path / "b" / "final").exists()
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-0000002"]
+    run_ppo(broken)  # the same command again resumes from iteration 2
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    state_a = json.loads((tmp_path / "a" / "ppo_state.json").read_text())
+    state_b = json.loads((tmp_path / "b" / "ppo_state.json").read_text())
+    assert state_a["beta"] != 0.1  # the controller moved beta
+    assert state_b["beta"] == pytest.approx(state_a["beta"], rel=1e-9)
+    steps = [m["step"] for m in read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]  # redone iterations are not logged twice
+    ma, mb = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [m["score"] for m in mb] == pytest.approx([m["score"] for m in ma], rel=1e-4, abs=1e-5)
+    samples = [json.loads(l)["iteration"] for l in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
+    assert samples == sorted(samples) and samples.count(3) == 2  # samples_per_log, not repeated
+    # checkpoints hold only trainable weights (with LoRA: adapters + value head, no frozen base)
+    ckpt = load_file(str(next((tmp_path / "b" / "checkpoints").iterdir()) / "model.safetensors"))
+    assert all((".lora_" in k or k.startswith("value_head.")) for k in ckpt) == lora
+
+
+def test_nan_reward_stops_and_keeps_last_good_checkpoint(tiny_model_dir, reward_dir, prompts_file, tmp_path, monkeypatch):
+    from rlhfkit.reward import RewardModel
+
+    real_forward = RewardModel.forward
+    state = {"iteration": 0}
+    real_iteration = PPOTrainer.iteration
+
+    def iteration(self, it):
+        state["iteration"] = it
+        return real_iteration(self, it)
+
+    def forward(self, input_ids, attention_mask):
+        out = real_forward(self, input_ids, attention_mask)
+        return out * float("nan") if state["iteration"] == 1 else out
+
+    monkeypatch.setattr(PPOTrainer, "iteration", iteration)
+    monkeypatch.setattr(RewardModel, "forward", forward)
+    cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=3)
+    with pytest.raises(NonFiniteError, match=r"reward-model score is nan at step 2.*last good checkpoint is kept"):
+        run_ppo(cfg)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-0000001"] and not (tmp_path / "run" / "final").exists()
+
+
+def test_nan_loss_stops(tiny_model_dir, reward_dir, prompts_file, tmp_path, monkeypatch):
+    import rlhfkit.ppo as ppo
+
+    real = ppo.value_loss
+    monkeypatch.setattr(ppo, "value_loss", lambda *a, **k: (lambda l, s: (l * float("inf"), s))(*real(*a, **k)))
+    cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=1)
+    with pytest.raises(NonFiniteError, match="value loss is inf at step 1"):
+        run_ppo(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_config_checks(tiny_model_dir, reward_dir, prompts_file, tmp_path):
+    with pytest.raises(ValueError, match="multiple of minibatch_size"):
+        PPOTrainer(ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "x", prompts_per_iteration=6, minibatch_size=4))
+    with pytest.raises(ConfigError, match="generation.temperature"):
+        load_config(PPOConfig, None, ["--generation.temperature", "0"])
+    cfg = load_config(PPOConfig, None, ["--generation.max_new_tokens", "9"])
+    assert cfg.generation.top_p == 1.0 and cfg.generation.max_new_tokens == 9  # PPO sampling defaults kept
+
+
+def test_cli_runs_with_options(tiny_model_dir, reward_dir, prompts_file, demos_file, tmp_path):
+    """`rlhfkit ppo` with PPO-ptx, the k3 estimator, an entropy bonus and the subtract EOS penalty."""
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+
+    config = tmp_path / "ppo.yaml"
+    config.write_text(
+        f"policy_model: {tiny_model_dir}\nreward_model: {reward_dir}\nprompts: {prompts_file}\n"
+        f"output_dir: {tmp_path / 'run'}\nprecision: fp32\nprompts_per_iteration: 4\nminibatch_size: 4\n"
+        "batch_size: 2\nppo_epochs: 1\nmax_steps: 1\ngeneration:\n  max_new_tokens: 6\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        ["ppo", "--config", str(config), "--ptx_data", str(demos_file), "--ptx_coef", "0.5", "--kl_estimator", "k3",
+         "--entropy_coef", "0.01", "--missing_eos", "subtract", "--critic_init", "policy"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (m,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    for key in ("score", "kl", "total_reward", "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac",
+                "approx_kl", "entropy", "explained_variance", "response_length", "eos_share", "beta", "ptx_loss",
+                "entropy_train", "time/generation", "time/scoring", "time/training", "tokens_per_s/generation",
+                "tokens_per_s/scoring", "tokens_per_s/training"):  # fmt: skip
+        assert key in m, key
+    assert m["ptx_loss"] > 0 and m["kl"] == 0.0
+    assert (tmp_path / "run" / "final" / "config.json").exists() and (tmp_path / "run" / "ppo_state.json").exists()
+    sample = json.loads((tmp_path / "run" / "samples.jsonl").read_text().splitlines()[0])
+    assert {"prompt", "response", "score", "kl"} <= sample.keys()
+    # a finished run is not redone
+    again = CliRunner().invoke(app, ["ppo", "--config", str(config)])
+    assert again.exit_code == 0 and "final" in again.output
