@@ -42,7 +42,8 @@ def _config_classes() -> dict[str, type]:
     return {name: getattr(c, cls) for name, cls in CONFIGS.items() if hasattr(c, cls)}
 
 
-CONFIGS = {"sft": "SFTConfig", "generate": "GenerateConfig", "reward": "RewardConfig", "ppo": "PPOConfig", "candidates": "CandidatesConfig"}
+CONFIGS = {"sft": "SFTConfig", "generate": "GenerateConfig", "reward": "RewardConfig", "ppo": "PPOConfig", "candidates": "CandidatesConfig",
+           "pipeline": "PipelineConfig", "evaluate": "EvaluateConfig", "chat": "ChatConfig"}
 
 
 @app.command(context_settings=OVERRIDES)
@@ -173,6 +174,88 @@ def ppo(ctx: typer.Context, config: Optional[Path] = ConfigOpt):
         f"policy: {out}\nmetrics: {Path(cfg.output_dir) / 'metrics.jsonl'} (TensorBoard: {Path(cfg.output_dir) / 'tb'}), "
         f"samples: {Path(cfg.output_dir) / 'samples.jsonl'}"
     )
+
+
+@app.command(context_settings=OVERRIDES)
+def pipeline(
+    ctx: typer.Context,
+    config: Optional[Path] = ConfigOpt,
+    steps: Optional[str] = typer.Option(None, "--steps", help="Comma-separated steps to run (default: the config's `steps`): sft,reward,judge,ppo,evaluate,report."),
+):
+    """SFT -> reward model -> PPO -> evaluation -> report in one run folder; re-running continues where it stopped."""
+    from .config import PipelineConfig
+    from .pipeline import run_pipeline
+
+    _setup_logging()
+    cfg = _load(PipelineConfig, config, ctx.args)
+    chosen = [s.strip() for s in steps.split(",") if s.strip()] if steps else None
+    plan = _run_guarded(lambda: run_pipeline(cfg, chosen))
+    eval_json = plan.dirs["evaluate"] / "eval.json"
+    if "evaluate" in plan.steps and eval_json.exists():
+        import json
+
+        from .evaluate import print_eval_table
+
+        print_eval_table(json.loads(eval_json.read_text()))
+    typer.echo(f"run folder: {plan.run}")
+    if "report" in plan.steps:
+        typer.echo(f"report: {plan.run / 'report.html'}")
+
+
+@app.command(context_settings=OVERRIDES)
+def evaluate(ctx: typer.Context, config: Optional[Path] = ConfigOpt):
+    """Compare the SFT and the RLHF policy on held-out prompts: reward-model score, win rate, KL from SFT, length, EOS."""
+    from .config import EvaluateConfig
+    from .evaluate import run_evaluate
+
+    _setup_logging()
+    cfg = _load(EvaluateConfig, config, ctx.args)
+    out = _run_guarded(lambda: run_evaluate(cfg))
+    typer.echo(f"evaluation: {out}\nsamples: {Path(cfg.output_dir) / 'eval_samples.jsonl'}")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A pipeline run folder (or one step's run folder)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the HTML (default: RUN_DIR/report.html)."),
+    samples: int = typer.Option(8, help="Sample prompts shown with both responses."),
+):
+    """Write one self-contained HTML page: training curves, the evaluation table, sample responses side by side."""
+    from .report import render_report
+
+    out = _run_guarded(lambda: render_report(run_dir, output, samples))
+    typer.echo(f"report: {out}")
+
+
+@app.command(context_settings=OVERRIDES)
+def chat(
+    ctx: typer.Context,
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="A model to chat with (give it twice to compare two)."),
+    host: Optional[str] = typer.Option(None, help="Address to listen on (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port to listen on (default 8000)."),
+):
+    """A local web page: type a prompt, see one or two models' responses side by side as they are generated."""
+    from .chat import run_chat
+    from .config import ChatConfig
+
+    _setup_logging()
+    overrides = {}
+    if model:
+        overrides["models"] = list(model)
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    from .config import ConfigError, _merge, parse_overrides
+
+    try:
+        extra = _merge(parse_overrides(list(ctx.args)), overrides)
+    except ConfigError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2)
+    cfg = _load(ChatConfig, config, extra)
+    _run_guarded(lambda: run_chat(cfg))
 
 
 @app.command("config-doc")

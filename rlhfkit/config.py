@@ -199,10 +199,6 @@ class RewardConfig(TrainingSettings):
     """Cap on reference responses scored for normalisation (a seeded sample)."""
     eval_bins: int = Field(10, ge=2)
     """Bins of the calibration table in the evaluation."""
-    trainable_layers: int = Field(0, ge=0)
-    """Train only the top N transformer layers (with the final norm, the head and their LoRA adapters if
-    LoRA is on); the embeddings and lower layers stay frozen, so no backward pass runs through them
-    (much cheaper on a CPU). 0: all layers."""
 
 
 class RolloutSettings(GenerationSettings):
@@ -432,7 +428,7 @@ def describe(cls: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in cls.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out.append(f"{prefix}{name}:  # {field.description or ''}")
+            out.append(f"{prefix}{name}:  # {' '.join((field.description or '').split())}")
             out.extend(describe(ann, prefix + "  "))
             continue
         default = field.default.model_dump() if isinstance(field.default, BaseModel) else field.default

@@ -32,9 +32,22 @@ class Sample:
 
 
 @torch.no_grad()
-def sample_ids(model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationSettings, eos_id: int, pad_id: int, num_samples: int = 1) -> torch.Tensor:
-    """Left-padded prompts (B, P) -> response token ids (B * num_samples, T), pad after the end."""
+def sample_ids(
+    model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationSettings, eos_id: int, pad_id: int,
+    num_samples: int = 1, num_tokens: int | None = None,
+) -> torch.Tensor:
+    """Left-padded prompts (B, P) -> response token ids (B * num_samples, T), pad after the end.
+
+    `num_tokens` is the tokenizer's size: ids at or beyond it (rows of a vocabulary padded for
+    speed) and the pad id are never sampled.
+    """
     greedy = gen.temperature == 0
+    if greedy and num_samples > 1:  # greedy decoding gives one answer; repeat it
+        prompt_ids = prompt_ids.repeat_interleave(num_samples, 0)
+        attention_mask = attention_mask.repeat_interleave(num_samples, 0)
+        num_samples = 1
+    vocab = model.get_output_embeddings().weight.shape[0]
+    suppress = sorted({pad_id, *range(num_tokens or vocab, vocab)})
     out = model.generate(
         input_ids=prompt_ids,
         attention_mask=attention_mask,
@@ -46,6 +59,7 @@ def sample_ids(model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, ge
         num_return_sequences=num_samples,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
+        suppress_tokens=suppress,
     )
     return out[:, prompt_ids.shape[1] :]
 
@@ -73,7 +87,9 @@ def generate_responses(model, tokenizer, prompts: list[list[dict]], gen: Generat
     results: list[list[Sample]] = []
     for i in tqdm(range(0, len(prompts), gen.batch_size), desc="generate", disable=not progress, dynamic_ncols=True):
         ids, mask = encode_prompts(tokenizer, prompts[i : i + gen.batch_size], gen)
-        out = sample_ids(model, ids.to(device), mask.to(device), gen, tokenizer.eos_token_id, tokenizer.pad_token_id, num_samples)
+        out = sample_ids(
+            model, ids.to(device), mask.to(device), gen, tokenizer.eos_token_id, tokenizer.pad_token_id, num_samples, len(tokenizer)
+        )
         flat = split_responses(tokenizer, out.cpu())
         results.extend(flat[j : j + num_samples] for j in range(0, len(flat), num_samples))
     return results

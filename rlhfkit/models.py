@@ -118,7 +118,9 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel 
 def sync_model_with_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Grow the embeddings if the tokenizer has tokens the model lacks, and copy the special ids."""
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+        # Exactly len(tokenizer) rows: padding the vocabulary up would add ids that are no token
+        # and that sampling could pick. The new rows (the pad token) start at the mean embedding.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if model.generation_config is not None:

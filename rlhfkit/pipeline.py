@@ -267,17 +267,12 @@ def _warn_if_changed(plan: Plan, name: str, done: bool) -> None:
         )  # fmt: skip
 
 
-def _warn_if_stale(plan: Plan, name: str) -> None:
+def _stale_deps(plan: Plan, name: str) -> list[str]:
+    """Steps this finished step was built from that finished after it (so it was made from an older version)."""
     mine = _done_time(plan, name)
     if mine is None:
-        return
-    for dep in plan.deps.get(name, []):
-        theirs = _done_time(plan, dep)
-        if theirs is not None and theirs > mine:
-            log.warning(
-                "step '%s' (%s) is older than step '%s' it was built from: it was made from an earlier %s. "
-                "Delete %s to redo it.", name, plan.dirs[name], dep, dep, plan.dirs[name],
-            )  # fmt: skip
+        return []
+    return [dep for dep in plan.deps.get(name, []) if (_done_time(plan, dep) or 0) > mine]
 
 
 def _check_inputs(plan: Plan, name: str) -> None:
@@ -347,8 +342,16 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None) -> Plan:
         header = f"step {i}/{len(todo)}: {TITLES[name]} ({plan.dirs[name]})"
         done = _step_done(plan, name)
         _warn_if_changed(plan, name, done)
+        stale = _stale_deps(plan, name) if done else []
+        if stale and name == "evaluate":  # cheap and derived: redo it
+            log.info("%s: %s changed since the last evaluation; evaluating again", header, " and ".join(stale))
+            done = False
+        elif stale:
+            log.warning(
+                "step '%s' is older than %s, which it was built from: it was made from an earlier version. "
+                "Delete %s to redo it.", name, " and ".join(f"step '{d}'" for d in stale), plan.dirs[name],
+            )  # fmt: skip
         if done:
-            _warn_if_stale(plan, name)
             log.info("%s: already done, skipped", header)
             journal.write(step=name, event="skipped")
             continue

@@ -477,6 +477,7 @@ class PPOTrainer:
         )
         self.checkpointer = Checkpointer(self.run, acc, cfg.keep_checkpoints)
         self.samples_file = self.run.path / "samples.jsonl"
+        self._warned_missing_eos = False
 
     @staticmethod
     def _check_config(cfg: PPOConfig) -> None:
@@ -555,6 +556,15 @@ class PPOTrainer:
         if cfg.score_clip is not None:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
         missing = ~batch.has_eos
+        if cfg.missing_eos == "replace" and not self._warned_missing_eos and missing.any() and (~missing).any():
+            if rm_scores[~missing].mean().item() < -cfg.missing_eos_penalty:
+                self._warned_missing_eos = True
+                log.warning(
+                    "complete responses score %.2f on average, below the %.2f that replaces the score of a response "
+                    "without EOS: the policy can gain by not stopping. The reward model's normalisation statistics "
+                    "do not fit this policy's responses; consider missing_eos: subtract or a larger missing_eos_penalty",
+                    rm_scores[~missing].mean().item(), -cfg.missing_eos_penalty,
+                )  # fmt: skip
         if cfg.missing_eos == "replace":
             scores = torch.where(missing, torch.full_like(scores, -cfg.missing_eos_penalty), scores)
         elif cfg.missing_eos == "subtract":

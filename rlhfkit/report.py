@@ -37,6 +37,7 @@ PPO_PANELS = [
     ("eos_share", "responses ending with EOS"),
     ("entropy", "entropy (nats / token)"),
 ]
+FIG_WIDTH = 11.7  # inches at 100 dpi: about the width of the page's main column
 COLORS = {"train": "#1a5fb4", "eval": "#c64600", "extra": "#26734d", "target": "#777777"}
 
 CSS = """
@@ -160,7 +161,8 @@ def _figure(panels: int, cols: int = 3):
 
     rows = math.ceil(panels / cols)
     cols = min(cols, panels)
-    fig = Figure(figsize=(3.9 * cols, 2.7 * rows), layout="constrained")
+    # Every figure is as wide as the page column, so fonts come out the same size in all of them.
+    fig = Figure(figsize=(FIG_WIDTH, 2.7 * rows if cols >= 3 else 3.1 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).flatten().tolist()
     for ax in axes[panels:]:
         ax.set_visible(False)

@@ -103,30 +103,13 @@ class RewardModel(torch.nn.Module):
             return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
-def build_reward_model(name: str, tokenizer, *, dtype: torch.dtype = torch.float32, lora=None, trainable_layers: int = 0) -> RewardModel:
+def build_reward_model(name: str, tokenizer, *, dtype: torch.dtype = torch.float32, lora=None, train_top_layers: int = 0) -> RewardModel:
     """A fresh reward model on top of causal LM `name` (dropout off; LoRA adapters if enabled; only the
-    top `trainable_layers` layers trained if > 0)."""
-    lm = load_causal_lm(name, tokenizer, dtype=dtype, dropout=False, lora=lora)
+    top `train_top_layers` transformer blocks, the final norm and the head trained if > 0)."""
+    lm = load_causal_lm(name, tokenizer, dtype=dtype, dropout=False, lora=lora, train_top_layers=train_top_layers)
     rm = RewardModel(lm)
     _freeze_unused_lm_head(rm)
-    if trainable_layers:
-        freeze_lower_layers(rm, trainable_layers)
     return rm
-
-
-def freeze_lower_layers(rm: RewardModel, trainable_layers: int) -> None:
-    """Freeze the embeddings and every transformer layer below the top `trainable_layers`."""
-    backbone = backbone_and_head(rm.lm)[0]
-    layers = backbone.layers
-    if trainable_layers >= len(layers):
-        return
-    keep = {id(p) for layer in layers[len(layers) - trainable_layers :] for p in layer.parameters()}
-    keep |= {id(p) for p in backbone.norm.parameters()}
-    for p in backbone.parameters():
-        if id(p) not in keep:
-            p.requires_grad_(False)
-    hf = rm.lm.get_base_model() if hasattr(rm.lm, "get_base_model") else rm.lm
-    hf.get_output_embeddings().weight.requires_grad_(False)  # tied or not, it is not used
 
 
 def _freeze_unused_lm_head(rm: RewardModel) -> None:
@@ -360,7 +343,7 @@ def comparison_metrics(comparisons: Sequence[Comparison], scores: Sequence[Seque
                 g["length_correct"] += length_hit
                 g["margin"] += m
             correct_here += hit
-            loss_here += -F.logsigmoid(torch.tensor(m, dtype=torch.float64)).item()
+            loss_here += max(-m, 0.0) + math.log1p(math.exp(-abs(m)))  # -log sigmoid(m), stably
             # Calibration on the model's own side: P(higher-scored response is the better one).
             confidences.append(1.0 / (1.0 + math.exp(-abs(m))))
             hits.append(hit)
@@ -515,8 +498,9 @@ def normalise_reward_model(rm: RewardModel, tokenizer, refs: Sequence[tuple[list
     settings = dict(max_length=cfg.max_length, max_prompt_share=cfg.max_prompt_share, precision=cfg.precision)
     messages, responses = [m for m, _ in refs], [r for _, r in refs]
     raw = torch.tensor(score(rm, tokenizer, messages, responses, batch_size, normalise=False, **settings), dtype=torch.float64)
-    rm.head.bias -= raw.mean().to(rm.head.bias.dtype)
-    after = torch.tensor(score(rm, tokenizer, messages, responses, batch_size, normalise=False, **settings), dtype=torch.float64)
+    shift = raw.mean().to(rm.head.bias.dtype)
+    rm.head.bias -= shift
+    after = raw - shift.double()  # the scores are affine in the bias: no second pass needed
     std = after.std(unbiased=False).item() if len(after) > 1 else 1.0
     return {"mean": after.mean().item(), "std": std if std > 0 else 1.0, "raw_mean": raw.mean().item()}
 
@@ -564,7 +548,9 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         seed=cfg.seed,
         weight=lambda c: 1.0,
     )
-    rm = build_reward_model(base, tokenizer, lora=cfg.lora, trainable_layers=cfg.trainable_layers)
+    rm = build_reward_model(base, tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
+    if cfg.gradient_checkpointing:
+        rm.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = sum(p.numel() for p in rm.parameters() if p.requires_grad)
     log.info("reward model: %s, %.1fM of %.1fM parameters trained", base, trainable / 1e6, sum(p.numel() for p in rm.parameters()) / 1e6)
     optimizer = make_optimizer(rm, cfg)

@@ -157,8 +157,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingSettings) -> torch.optim
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=cfg.adam_betas)
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    # The fused kernel (CPU and GPU) is several times faster than the default per-tensor loop,
+    # which on CPU took as long as the forward and backward passes together.
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, foreach=True)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingSettings, total_steps: int):

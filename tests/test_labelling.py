@@ -216,7 +216,6 @@ def test_submit_maps_display_positions_back_to_original_indices(setup):
     assert len(records) == 1
     rec = records[0]
     assert rec == {
-        "prompt": src["messages"][0]["content"],
         "messages": src["messages"],
         "responses": [x["text"] for x in src["responses"]],
         "ranking": [[orig[2]], sorted([orig[0], orig[1]])],

@@ -263,9 +263,9 @@ def test_save_load_round_trip(tiny_model_dir, tmp_path, lora):
         assert score(shared, tok2, prompts, responses) == pytest.approx(before, abs=1e-5)
 
 
-def test_trainable_layers_freezes_the_lower_layers(tiny_model_dir, tmp_path):
+def test_train_top_layers_freezes_the_lower_layers(tiny_model_dir, tmp_path):
     data = write_synthetic(tmp_path / "marker.jsonl", n=40)
-    cfg = tiny_config(tmp_path, tiny_model_dir, data, max_steps=2, trainable_layers=1)
+    cfg = tiny_config(tmp_path, tiny_model_dir, data, max_steps=2, train_top_layers=1)
     trained = load_reward_model(run_reward(cfg))[0].lm.state_dict()
     tokenizer = load_tokenizer(str(tiny_model_dir))
     start = load_causal_lm(str(tiny_model_dir), tokenizer).state_dict()

@@ -517,7 +517,7 @@ class LabelDB:
             messages = json.loads(r["messages"])
             out.append(
                 {
-                    "prompt": next((m["content"] for m in messages if m["role"] == "user"), None),
+                    # `messages` only: the comparison readers take `prompt` or `messages`, not both.
                     "messages": messages,
                     "responses": json.loads(r["responses"]),
                     "ranking": json.loads(r["ranking"]),
