@@ -528,7 +528,6 @@ def test_cli_add_annotator_and_export(tmp_path):
     assert [x["task_id"] for x in lines] == ["task-0", "p"]
     assert lines[0]["ranking"] == [[0, 1, 2]]
     assert lines[1] == {
-        "prompt": "Hello?",
         "messages": [{"role": "user", "content": "Hello?"}],
         "responses": ["x", "y"],
         "ranking": [[order[1]], [order[0]]],
