@@ -3,6 +3,9 @@
     rlhfkit sft --config sft.yaml --learning_rate 1e-4 --lora.enabled true
     rlhfkit generate --model runs/sft --prompts prompts.jsonl
     rlhfkit candidates --prompts prompts.jsonl --model runs/sft --model default -k 4 -o tasks.jsonl
+    rlhfkit reward --config configs/reward.yaml --lora.enabled true
+    rlhfkit score --reward-model runs/reward --input pairs.jsonl -o scores.jsonl
+    rlhfkit reward-eval --reward-model runs/reward --data hh-rlhf:helpful-base.jsonl.gz -o eval.json
     rlhfkit config-doc sft
 """
 

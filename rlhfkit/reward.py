@@ -702,7 +702,7 @@ def print_evaluation(metrics: dict) -> None:
         row(name, m)
     row("all", metrics, style="bold")
     console.print(table)
-    cal = Table(title=f"calibration (ECE {metrics['expected_calibration_error']:.3f}): P(higher-scored wins) = sigmoid(|margin|)")
+    cal = Table(title=f"calibration: P(higher-scored wins) = sigmoid(|margin|); ECE {metrics['expected_calibration_error']:.3f}")
     for col in ("predicted bin", "pairs", "mean predicted", "observed"):
         cal.add_column(col, justify="right")
     for b in metrics["calibration"]:
