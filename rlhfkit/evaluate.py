@@ -2,7 +2,9 @@
 
 Both policies answer the same prompts with the same sampling settings and seed. Reported per policy:
 
-* **score**: mean normalised reward-model score of its responses (and under the judge, if given);
+* **score**: mean normalised reward-model score of its responses (and under the judge, if given), read as PPO
+  reads them: prompt + response tokens, a response cut at max_new_tokens without an added EOS (PPO's
+  missing-EOS penalty is not applied: the EOS share is reported on its own);
 * **win rate** of RLHF over SFT, prompt by prompt (a tie counts half), under the reward model and the judge,
   with its standard error over prompts; and the mean paired score difference;
 * **KL from SFT**: mean over RLHF's own responses y of sum_t [log pi_RL(y_t | x, y_<t) - log pi_SFT(y_t | x, y_<t)],
@@ -13,8 +15,8 @@ Both policies answer the same prompts with the same sampling settings and seed. 
 Plus the reward model's pairwise accuracy on held-out comparisons (`reward.evaluate_reward_model`), and the
 judge's on the same comparisons when a judge is given.
 
-Outputs in `output_dir`: `eval.json` (everything above) and `eval_samples.jsonl` (per prompt: the prompt, both
-responses, their scores, lengths, EOS flags and the RLHF response's KL).
+Outputs in `output_dir`: `eval.json` (everything above; written last), `eval_samples.jsonl` (per prompt: the
+prompt, both responses, their scores, lengths, EOS flags and KLs) and `config.yaml` (the settings).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from typing import Sequence
 
 import torch
 
-from .config import EvaluateConfig
+from .config import EvaluateConfig, save_config
 from .generate import Sample, generate_responses, load_for_inference, model_path_of
 from .models import backbone_and_head
 from .ppo_math import logprobs_from_logits
-from .tokens import encode_prompt, pad
+from .tokens import encode_prompt, encode_response, pad, truncate
 
 log = logging.getLogger("rlhfkit.evaluate")
 
@@ -120,6 +122,21 @@ def _summary(samples: list[Sample], scores: list[float], judge: list[float] | No
     }
 
 
+def reward_rows(rm_tok, stats: dict, samples: list[Sample], prompt_ids: list[list[int]], conversations: list[list[dict]], same_vocab: bool) -> list[list[int]]:
+    """What the reward model reads for each response, as in PPO's scoring: with the policy's vocabulary, the
+    policy's own prompt and response token ids (the EOS only if the response ended; a response cut at
+    max_new_tokens is scored as cut); else the text re-tokenised with the reward model's tokenizer (EOS
+    likewise only if it ended), truncated like the reward model's training rows."""
+    if same_vocab:
+        return [p + s.token_ids for p, s in zip(prompt_ids, samples)]
+    max_length, share = stats.get("max_length", 512), stats.get("max_prompt_share", 0.5)
+    rows = []
+    for conv, s in zip(conversations, samples):
+        prompt, response, _ = truncate(encode_prompt(rm_tok, conv), encode_response(rm_tok, s.text, add_eos=s.has_eos), max_length, share)
+        rows.append(prompt + response)
+    return rows
+
+
 def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     """The conversation as the policies saw it (the reward model must read the same system prompt)."""
     if system_prompt is not None and (not messages or messages[0]["role"] != "system"):
@@ -140,7 +157,7 @@ def _free() -> None:
 def evaluate_policies(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict, list[dict]]:
     """(metrics for eval.json, one record per prompt for eval_samples.jsonl)."""
     from .data import load_comparisons, load_prompts
-    from .reward import evaluate_reward_model, load_reward_model, reward_model_path, score
+    from .reward import evaluate_reward_model, load_reward_model, normalise_scores, reward_model_path, score_rows
 
     t0 = time.time()
     gen = cfg.generation
@@ -183,12 +200,13 @@ def evaluate_policies(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict,
             comparisons = comparisons[: cfg.max_comparisons]
     judges = [("reward_model", cfg.reward_model)] + ([("judge", cfg.judge_reward_model)] if cfg.judge_reward_model else [])
     for role, path in judges:
-        rm, rm_tok, _ = load_reward_model(path, dtype)
+        rm, rm_tok, stats = load_reward_model(path, dtype)
         if torch.cuda.is_available():
             rm = rm.cuda()
+        same_vocab = rm_tok.get_vocab() == tok.get_vocab()
         for name in POLICIES:
-            texts = [s.text for s in samples[name]]
-            scored[role][name] = score(rm, rm_tok, conversations, texts, cfg.batch_size, normalise=True)
+            rows = reward_rows(rm_tok, stats, samples[name], prompt_ids, conversations, same_vocab)
+            scored[role][name] = normalise_scores(score_rows(rm, rows, rm_tok.pad_token_id, cfg.batch_size), stats)
         if comparisons:
             accuracy[role] = {"data": cfg.comparisons, **evaluate_reward_model(rm, rm_tok, comparisons, cfg.batch_size)}
         del rm
@@ -249,6 +267,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
     metrics, records = evaluate_policies(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
     with (out / "eval_samples.jsonl").open("w") as f:
         for r in records:
             f.write(json.dumps(_json_safe(r), ensure_ascii=False) + "\n")

@@ -248,21 +248,22 @@ def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-def _warn_if_changed(plan: Plan, name: str, done: bool) -> None:
-    """A step that already ran (fully or partly) with another config keeps its earlier run: say so."""
-    if name == "evaluate":
-        return
+def _changed_fields(plan: Plan, name: str) -> list[str]:
+    """Fields in which the config a step already ran with (its saved config.yaml) differs from the current one."""
     saved_file = plan.dirs[name] / "config.yaml"
     if not saved_file.exists():
-        return
+        return []
     saved = yaml.safe_load(saved_file.read_text()) or {}
     current = plan.configs[name].model_dump(mode="json")
-    changed = [c for c in _config_changes(saved, current) if c != "resume"]
+    return [c for c in _config_changes(saved, current) if c != "resume"]
+
+
+def _warn_if_changed(plan: Plan, name: str, changed: list[str], done: bool) -> None:
+    """A training step that already ran (fully or partly) with another config keeps its earlier run: say so."""
     if changed:
-        what = "was made" if done else "was started"
         log.warning(
             "step '%s' %s with another config (differs in: %s); %s. Delete %s to redo it with the current config.",
-            name, what, ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""),
+            name, "was made" if done else "was started", ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""),
             "keeping it" if done else "resuming it anyway", plan.dirs[name],
         )  # fmt: skip
 
@@ -326,6 +327,7 @@ def save_pipeline_config(cfg: PipelineConfig, plan: Plan) -> None:
 
 def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None) -> Plan:
     """Run (or continue) the pipeline; returns the plan. `steps` overrides cfg.steps."""
+    given = cfg
     if steps is not None:
         unknown = [s for s in steps if s not in ORDER]
         if unknown:
@@ -333,7 +335,7 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None) -> Plan:
         cfg = cfg.model_copy(update={"steps": steps})
     plan = plan_pipeline(cfg)
     plan.run.mkdir(parents=True, exist_ok=True)
-    save_pipeline_config(cfg, plan)
+    save_pipeline_config(given, plan)  # the whole pipeline, not just the steps of this call
     prepare_data(plan)
     journal = _StepLog(plan.run / "pipeline_log.jsonl")
     todo = [s for s in plan.steps if s != "report"]
@@ -341,12 +343,15 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None) -> Plan:
     for i, name in enumerate(todo, 1):
         header = f"step {i}/{len(todo)}: {TITLES[name]} ({plan.dirs[name]})"
         done = _step_done(plan, name)
-        _warn_if_changed(plan, name, done)
+        changed = _changed_fields(plan, name)
         stale = _stale_deps(plan, name) if done else []
-        if stale and name == "evaluate":  # cheap and derived: redo it
-            log.info("%s: %s changed since the last evaluation; evaluating again", header, " and ".join(stale))
+        if name == "evaluate" and done and (stale or changed):  # derived and fairly cheap: redo it
+            why = f"{' and '.join(stale)} changed" if stale else f"its settings changed ({', '.join(changed[:8])})"
+            log.info("%s: %s since the last evaluation; evaluating again", header, why)
             done = False
-        elif stale:
+        elif name != "evaluate":
+            _warn_if_changed(plan, name, changed, done)
+        if done and stale and name != "evaluate":
             log.warning(
                 "step '%s' is older than %s, which it was built from: it was made from an earlier version. "
                 "Delete %s to redo it.", name, " and ".join(f"step '{d}'" for d in stale), plan.dirs[name],

@@ -312,6 +312,9 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
             p.requires_grad_(".lora_" in name or name.startswith("value_head."))
         else:
             p.requires_grad_(True)
+    if lora and cfg.lora.dropout:
+        log.info("lora.dropout %.2f is switched off: PPO needs deterministic log-probs", cfg.lora.dropout)
+    disable_dropout(actor_critic)  # dropout off everywhere, LoRA branches included
     actor_critic.freeze_trainable_set()
     actor_critic.to(device)
     if reference is not None:
@@ -457,8 +460,8 @@ class PPOTrainer:
 
         policy_names, critic_names = self.nets.trainable_names()
         params = dict(self.nets.actor_critic.named_parameters())
-        self.policy_params = [params[n] for n in policy_names]
-        self.critic_params = [params[n] for n in critic_names]
+        self.policy_params = [params[name] for name in policy_names]
+        self.critic_params = [params[name] for name in critic_names]
         opt_steps = self.total * cfg.ppo_epochs * self.n_minibatches
         critic_cfg = cfg.model_copy(update={"learning_rate": cfg.critic_learning_rate or cfg.learning_rate})
         policy_opt = make_optimizer(_Params(self.policy_params), cfg)
@@ -611,8 +614,8 @@ class PPOTrainer:
         B, T = batch.response_ids.shape
         old, ent, ref, values = (torch.zeros(B, T, device=acc.device) for _ in range(4))
         with acc.autocast():
-            for s in range(0, B, cfg.batch_size):
-                rows = slice(s, s + cfg.batch_size)
+            for rows in self._by_length(batch, torch.arange(B)).split(cfg.batch_size):
+                rows = rows.to(batch.mask.device)
                 micro = batch.micro(rows)
                 t = micro["mask"].shape[1]
                 lp, v, e, _, _ = self.ac(**_model_batch(micro), with_entropy=True)
@@ -620,6 +623,13 @@ class PPOTrainer:
                 with self._reference_active() as reference:
                     ref[rows, :t] = policy_logprobs(reference, _model_batch(micro), cfg.generation.temperature)[0]
         batch.old_logprobs, batch.ref_logprobs, batch.entropy, batch.values = old, ref, ent, values
+
+    @staticmethod
+    def _by_length(batch: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` ordered by prompt + response length, so micro-batches carry little padding (the losses
+        are token-weighted sums over micro-batches: their grouping does not change the update)."""
+        lengths = (batch.prompt_mask.sum(1) + batch.mask.sum(1)).cpu()[rows]
+        return rows[torch.argsort(lengths, stable=True)]
 
     def kl_rewards(self, batch: Rollout, beta: float) -> None:
         """Per-token reward -beta * kl_t, plus the score on the last token."""
@@ -683,7 +693,7 @@ class PPOTrainer:
             global_tokens = acc.reduce(local, reduction="sum").tolist() if n_proc > 1 else local.tolist()
             for m, mb in enumerate(minibatches):
                 ptx = self.ptx_plan.step((iteration * cfg.ppo_epochs + epoch) * self.n_minibatches + m) if self.ptx_plan else None
-                micros = mb.split(cfg.batch_size)
+                micros = self._by_length(batch, mb).split(cfg.batch_size)
                 for i, rows in enumerate(micros):
                     last = i == len(micros) - 1
                     ctx = acc.no_sync(self.model) if not last and n_proc > 1 else contextlib.nullcontext()
@@ -698,7 +708,8 @@ class PPOTrainer:
         micro = batch.micro(rows.to(batch.mask.device))
         mask = micro["mask"]
         n_tokens = float(mask.sum())
-        ptx_inputs = batch_to_inputs(ptx.micro_batches[i], self.tokenizer.pad_token_id, acc.device) if ptx else None
+        ptx_micro = ptx.micro_batches[i] if ptx else None
+        ptx_inputs = batch_to_inputs(ptx_micro, self.tokenizer.pad_token_id, acc.device) if ptx_micro else None
         with acc.autocast():
             logprobs, values, entropy, ptx_sum, ptx_tokens = self.model(
                 **_model_batch(micro), with_entropy=cfg.entropy_coef > 0, ptx=ptx_inputs
@@ -776,6 +787,10 @@ class PPOTrainer:
         metrics["tokens_per_s/training"] = reduced["tokens_read"] * cfg.ppo_epochs / max(timer.seconds["training"], 1e-9)
         if torch.cuda.is_available() and str(acc.device).startswith("cuda"):
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        else:
+            import resource
+
+            metrics["memory/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         check_finite("policy loss", metrics["policy_loss"], it + 1)
         self._last_batch = batch
         return metrics
@@ -867,7 +882,8 @@ class PPOTrainer:
         return self.run.final
 
     def save_final(self) -> None:
-        """The tuned policy in final/ (LoRA merged unless merge_on_save is false) and ppo_state.json."""
+        """The tuned policy in final/ (LoRA merged unless merge_on_save is false); ppo_state.json (iterations,
+        final beta and KL-controller state, inputs, layout) in the run folder and in final/."""
         policy = self.ac.policy
         if hasattr(policy, "merge_and_unload"):
             policy = copy.deepcopy(policy)
@@ -886,7 +902,8 @@ class PPOTrainer:
             "critic_init": self.cfg.critic_init,
             "layout": self.nets.layout,
         }
-        (self.run.path / "ppo_state.json").write_text(json.dumps(state, indent=1))
+        for folder in (self.run.path, self.run.final):
+            (folder / "ppo_state.json").write_text(json.dumps(state, indent=1))
 
 
 class _PhaseTimer:

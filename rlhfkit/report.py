@@ -392,6 +392,9 @@ def build_report(run_dir: str | Path, max_samples: int = 8) -> str:
         body.append(_cards(ev))
     if steps:
         rows = [_step_status(name, d, metrics[name], timings) for name, d in steps.items()]
+        if ev:
+            seconds = timings.get("evaluate")
+            rows.append(["Evaluation", "done", f"{ev.get('n_prompts')} prompts", f"{seconds / 60:.1f} min" if seconds else "—", str(eval_dir)])
         body.append("<h2>Steps</h2>" + _table(["step", "status", "steps logged", "time", "folder"], rows))
 
     if ev:

@@ -493,16 +493,39 @@ def reference_responses(cfg: RewardConfig, train: Sequence[Comparison]) -> tuple
 
 
 @torch.no_grad()
-def normalise_reward_model(rm: RewardModel, tokenizer, refs: Sequence[tuple[list[dict], str]], cfg: RewardConfig, batch_size: int) -> dict:
-    """Shift the head bias so the reference responses score 0 on average; return mean (~0), std."""
+def normalise_reward_model(
+    rm: RewardModel, tokenizer, refs: Sequence[tuple[list[dict], str]], cfg: RewardConfig, batch_size: int,
+    spread: Sequence[tuple[list[dict], str]] = (),
+) -> dict:
+    """Shift the head bias so the reference responses score 0 on average; return mean (~0) and std.
+
+    The std is measured over `spread` (all responses of the training comparisons, good and bad)
+    when given: the references alone are often alike, and a tiny std would blow normalised
+    scores (and PPO's rewards) up.
+    """
     settings = dict(max_length=cfg.max_length, max_prompt_share=cfg.max_prompt_share, precision=cfg.precision)
-    messages, responses = [m for m, _ in refs], [r for _, r in refs]
-    raw = torch.tensor(score(rm, tokenizer, messages, responses, batch_size, normalise=False, **settings), dtype=torch.float64)
+
+    def raw_scores(pairs):
+        return torch.tensor(
+            score(rm, tokenizer, [m for m, _ in pairs], [r for _, r in pairs], batch_size, normalise=False, **settings),
+            dtype=torch.float64,
+        )
+
+    raw = raw_scores(refs)
     shift = raw.mean().to(rm.head.bias.dtype)
     rm.head.bias -= shift
     after = raw - shift.double()  # the scores are affine in the bias: no second pass needed
-    std = after.std(unbiased=False).item() if len(after) > 1 else 1.0
+    wide = raw_scores(spread) - shift.double() if spread else after
+    std = wide.std(unbiased=False).item() if len(wide) > 1 else 1.0
     return {"mean": after.mean().item(), "std": std if std > 0 else 1.0, "raw_mean": raw.mean().item()}
+
+
+def spread_responses(cfg: RewardConfig, train: Sequence[Comparison]) -> list[tuple[list[dict], str]]:
+    """All responses of the training comparisons (a sample), for the std of the scores."""
+    every = [(c.messages, r) for c in train for r in c.responses]
+    if len(every) > cfg.max_reference_examples:
+        every = random.Random(cfg.seed + 1).sample(every, cfg.max_reference_examples)
+    return every
 
 
 def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
@@ -613,7 +636,7 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         trained: RewardModel = accelerator.unwrap_model(wrapped)
         trained.eval()
         refs, what = reference_responses(cfg, train_cmp)
-        norm = normalise_reward_model(trained, tokenizer, refs, cfg, cfg.batch_size * 2)
+        norm = normalise_reward_model(trained, tokenizer, refs, cfg, cfg.batch_size * 2, spread_responses(cfg, train_cmp))
         log.info("normalised on %s: raw mean %.4f -> %.2e, std %.4f", what, norm["raw_mean"], norm["mean"], norm["std"])
         stats = {
             **norm,

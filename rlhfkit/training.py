@@ -252,6 +252,7 @@ class Checkpointer:
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()  # every process has written its part (RNG state) before the rename
         if acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
             if final.exists():

@@ -21,6 +21,15 @@ from rlhfkit.training import NonFiniteError, read_metrics
 LORA = {"enabled": True, "r": 4, "alpha": 8}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run best on one thread; two threads on a busy 2-core machine spin-wait (~100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A reward model on the tiny LM with a random head, saved by step 2's code."""
@@ -154,6 +163,28 @@ def test_reward_model_reads_policy_ids_like_text(tiny_model_dir, reward_dir, pro
     trainer.score(batch)
     expected = score(trainer.nets.reward_model, trainer.nets.rm_tokenizer, batch.messages, texts, 4, normalise=True)
     torch.testing.assert_close(batch.rm_scores, torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_reward_model_with_another_vocabulary_reads_text(tiny_model_dir, prompts_file, tmp_path):
+    """Another vocabulary: responses are decoded and re-tokenised; the critic cannot come from that reward model."""
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.reward import build_reward_model, save_reward_model, score
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    tok.add_special_tokens({"additional_special_tokens": ["<|rm-only|>"]})
+    torch.manual_seed(3)
+    other = save_reward_model(build_reward_model(str(tiny_model_dir), tok), tok, tmp_path / "rm", {"mean": 0.0, "std": 2.0})
+    with pytest.raises(ValueError, match="critic_init: policy"):
+        PPOTrainer(ppo_config(tiny_model_dir, other, prompts_file, tmp_path / "a"))
+    trainer = PPOTrainer(ppo_config(tiny_model_dir, other, prompts_file, tmp_path / "b", critic_init="policy"))
+    trainer.iteration_index = 0
+    assert not trainer.nets.same_vocab
+    ptok = trainer.tokenizer
+    texts = ["yes banana apple", "the river"]
+    batch = _rollout_by_hand(trainer, [ptok(t, add_special_tokens=False)["input_ids"] + [ptok.eos_token_id] for t in texts], 6)
+    trainer.score(batch)
+    expected = score(trainer.nets.reward_model, trainer.nets.rm_tokenizer, batch.messages, texts, 4, normalise=True)
+    torch.testing.assert_close(batch.rm_scores, torch.tensor(expected))
 
 
 def test_shapes_masking_and_rewards(tiny_model_dir, reward_dir, prompts_file, tmp_path):
@@ -361,8 +392,91 @@ def test_cli_runs_with_options(tiny_model_dir, reward_dir, prompts_file, demos_f
         assert key in m, key
     assert m["ptx_loss"] > 0 and m["kl"] == 0.0
     assert (tmp_path / "run" / "final" / "config.json").exists() and (tmp_path / "run" / "ppo_state.json").exists()
+    assert (tmp_path / "run" / "final" / "ppo_state.json").exists()
     sample = json.loads((tmp_path / "run" / "samples.jsonl").read_text().splitlines()[0])
     assert {"prompt", "response", "score", "kl"} <= sample.keys()
     # a finished run is not redone
     again = CliRunner().invoke(app, ["ppo", "--config", str(config)])
     assert again.exit_code == 0 and "final" in again.output
+
+
+DDP_WORKER = r'''
+"""Hand-made rollout of 8 responses: 1 process takes all, 2 processes 4 each; save the synced gradients."""
+import contextlib, sys, torch
+from rlhfkit.config import PPOConfig
+from rlhfkit.ppo import PPOTrainer, Rollout
+from rlhfkit.ppo_math import first_eos_mask
+from rlhfkit.tokens import encode_prompt, pad
+
+policy, reward, prompts, out = sys.argv[1:5]
+cfg = PPOConfig(policy_model=policy, reward_model=reward, prompts=prompts, output_dir=out, precision="fp32",
+                prompts_per_iteration=8, minibatch_size=8, batch_size=2, ppo_epochs=1, max_steps=2, vf_coef=0.5,
+                entropy_coef=0.01, generation={"max_new_tokens": 6, "temperature": 1.0}, checkpoint_every=1)
+tr = PPOTrainer(cfg)
+acc, tok = tr.accelerator, tr.tokenizer
+tr.iteration_index = 0
+g = torch.Generator().manual_seed(0)
+msgs = [[{"role": "user", "content": f"tell me {i} things"}] for i in range(8)]
+resp = [torch.randint(3, 300, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
+        + ([tok.eos_token_id] if i % 3 else []) for i in range(8)]
+share = 8 // acc.num_processes
+rows = slice(acc.process_index * share, (acc.process_index + 1) * share)
+msgs, resp = msgs[rows], resp[rows]
+ids = [encode_prompt(tok, m) for m in msgs]
+raw = pad(resp, tok.pad_token_id, length=8)
+mask, has_eos = first_eos_mask(raw, tok.eos_token_id, tok.pad_token_id)
+batch = Rollout(msgs, pad(ids, tok.pad_token_id, side="left"), pad([[1] * len(i) for i in ids], 0, side="left"),
+                raw.masked_fill(~mask, tok.pad_token_id), mask, has_eos)
+tr.score(batch)
+tr.logprobs_and_values(batch)
+batch.ref_logprobs = batch.ref_logprobs - 0.05
+tr.kl_rewards(batch, 0.1)
+tr.compute_advantages(batch)  # whitened over both processes' tokens
+local = batch.mask.sum().double().reshape(1)
+global_tokens = (acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local).item()
+micros = torch.arange(len(batch)).split(cfg.batch_size)
+for i, r in enumerate(micros):
+    sync = i == len(micros) - 1 or acc.num_processes == 1
+    with contextlib.nullcontext() if sync else acc.no_sync(tr.model):
+        tr._micro_step(batch, r, 0, global_tokens, None, i, lambda *a: None)
+grads = torch.cat([p.grad.flatten() for p in tr.policy_params + tr.critic_params])
+if acc.is_main_process:
+    torch.save(grads, out + ".grads.pt")
+tr.policy_opt.zero_grad()
+tr.critic_opt.zero_grad()
+tr.train()  # and the whole loop: rollouts per process, checkpoints, final/
+'''
+
+
+def test_two_processes_give_the_single_process_gradient(tiny_model_dir, reward_dir, prompts_file, tmp_path):
+    """Under `accelerate launch` with 2 CPU processes, the synced gradient of a minibatch split over
+    the processes equals the single-process gradient (global whitening, token-weighted losses)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    args = [str(tiny_model_dir), str(reward_dir), str(prompts_file)]
+    one = subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    two = subprocess.run([*launch, str(script), *args, str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    g1, g2 = torch.load(tmp_path / "one.grads.pt"), torch.load(tmp_path / "two.grads.pt")
+    torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-6)
+    assert (tmp_path / "two" / "final" / "config.json").exists()
+    assert (tmp_path / "two" / "checkpoints" / "step-0000002" / "random_states_1.pkl").exists()  # one RNG state per process
+    assert [m["step"] for m in read_metrics(tmp_path / "two" / "metrics.jsonl")] == [1, 2]
+
+
+def test_every_ppo_config_field_is_documented():
+    from rlhfkit.cli import CONFIGS
+    from rlhfkit.config import PPOConfig, RolloutSettings
+
+    for cls in (PPOConfig, RolloutSettings):
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{cls.__name__}.{name} has no docstring"
+    assert CONFIGS["ppo"] == "PPOConfig"

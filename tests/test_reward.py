@@ -27,6 +27,7 @@ from rlhfkit.reward import (
     run_reward,
     save_reward_model,
     score,
+    spread_responses,
 )
 
 from conftest import WORDS
@@ -196,7 +197,11 @@ def test_normalisation_centres_the_reference_responses(trained):
     assert abs(stats["raw_mean"]) > 1e-3  # the shift did something
     normalised = score(rm, tokenizer, [m for m, _ in refs], [r for _, r in refs])
     assert abs(sum(normalised) / len(normalised)) < 1e-4
-    assert torch.tensor(normalised).std(unbiased=False).item() == pytest.approx(1.0, rel=1e-3)
+    # The scale comes from all training responses, good and bad: their normalised std is 1.
+    every = spread_responses(cfg, train)  # the same sample normalisation used
+    assert len({r for _, r in every}) > len({r for _, r in refs})
+    spread = score(rm, tokenizer, [m for m, _ in every], [r for _, r in every])
+    assert torch.tensor(spread).std(unbiased=False).item() == pytest.approx(1.0, rel=1e-3)
 
 
 def test_reference_data_sets_the_zero(trained, tmp_path, tiny_model_dir):
