@@ -70,7 +70,7 @@ def run_rlhfkit(args) -> dict:
     cfg = SFTConfig(
         model=args.model, output_dir=str(out), batch_size=args.batch, grad_accum=1, max_steps=args.steps + args.warmup,
         precision=args.precision, max_length=args.length, eval_every=0, checkpoint_every=0, log_every=1,
-        learning_rate=1e-5, warmup_ratio=0.0,
+        learning_rate=1e-5, warmup_ratio=0.0, gradient_checkpointing=args.gradient_checkpointing == "on",
     )  # fmt: skip
     sft_module.train_sft(cfg, tokenizer, fixed, fixed[:1])  # the real training loop on the fixed examples
     times = [m["time"] for m in read_metrics(out / "metrics.jsonl") if m["phase"] == "train"]
@@ -105,7 +105,7 @@ def run_trl(args) -> dict:
         gradient_accumulation_steps=1, max_steps=args.steps + args.warmup, learning_rate=1e-5, lr_scheduler_type="constant",
         bf16=args.precision == "bf16", max_length=args.length, completion_only_loss=True, packing=False, report_to=[],
         save_strategy="no", logging_steps=1000, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0,
-        dataset_num_proc=None,
+        dataset_num_proc=None, gradient_checkpointing=args.gradient_checkpointing == "on",
     )  # fmt: skip
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                        help="for both engines (TRL's SFTConfig defaults to on)")
     args = parser.parse_args()
 
     if args.engine:
@@ -135,7 +137,8 @@ def main() -> None:
         return
 
     common = ["--model", args.model, "--batch", str(args.batch), "--length", str(args.length), "--steps", str(args.steps),
-              "--warmup", str(args.warmup), "--precision", args.precision, "--threads", str(args.threads)]  # fmt: skip
+              "--warmup", str(args.warmup), "--precision", args.precision, "--threads", str(args.threads),
+              "--gradient-checkpointing", args.gradient_checkpointing]  # fmt: skip
     rows = {}
     engines = [("rlhfkit", sys.executable)]
     if Path(args.trl_python).exists():
@@ -155,7 +158,7 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\nSFT throughput - model {args.model}, batch {args.batch} x {args.length} tokens, {args.precision}, {device}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up")  # fmt: skip
+          f"gradient checkpointing {args.gradient_checkpointing}, {args.steps} timed steps after {args.warmup} warm-up")  # fmt: skip
     print(f"{'engine':<10} {'tokens/s':>10} {'s/step':>8} {'peak MB':>9}")
     for name, r in rows.items():
         print(f"{name:<10} {r['tokens_per_s']:>10.1f} {r['seconds_per_step']:>8.2f} {r['peak_mb']:>9.0f}")

@@ -262,7 +262,7 @@ def _json_safe(obj):
     return obj
 
 
-def run_evaluate(cfg: EvaluateConfig) -> Path:
+def run_evaluate(cfg: EvaluateConfig, print_table: bool = True) -> Path:
     """Evaluate, write eval.json and eval_samples.jsonl, print the table; returns the eval.json path."""
     metrics, records = evaluate_policies(cfg)
     out = Path(cfg.output_dir)
@@ -274,7 +274,8 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
     tmp = out / "eval.json.tmp"
     tmp.write_text(json.dumps(_json_safe(metrics), indent=1))
     tmp.replace(out / "eval.json")  # written last: its presence means the evaluation is complete
-    print_eval_table(metrics)
+    if print_table:
+        print_eval_table(metrics)
     return out / "eval.json"
 
 

@@ -301,7 +301,7 @@ def _runner(name: str) -> Callable[[Any], Any]:
     if name == "evaluate":
         from .evaluate import run_evaluate
 
-        return run_evaluate
+        return lambda cfg: run_evaluate(cfg, print_table=False)  # `rlhfkit pipeline` prints it at the very end
     raise ValueError(name)
 
 
