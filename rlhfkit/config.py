@@ -422,16 +422,19 @@ def save_config(cfg: BaseModel, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-def describe(cls: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per field: `name: default  # docstring`, nested sections expanded."""
+def describe(cls: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None) -> list[str]:
+    """One line per field: `name: default  # docstring`, nested sections expanded (with the values of the
+    section's default instance, e.g. `GenerationSettings(top_p=1.0)`, when it has one)."""
     out = []
     for name, field in cls.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out.append(f"{prefix}{name}:  # {' '.join((field.description or '').split())}")
-            out.extend(describe(ann, prefix + "  "))
+            nested = getattr(defaults, name) if defaults is not None else field.default
+            out.extend(describe(ann, prefix + "  ", nested if isinstance(nested, BaseModel) else None))
             continue
-        default = field.default.model_dump() if isinstance(field.default, BaseModel) else field.default
+        default = getattr(defaults, name) if defaults is not None else field.default
+        default = default.model_dump() if isinstance(default, BaseModel) else default
         doc = " ".join((field.description or "").split())
         out.append(f"{prefix}{name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}  # {doc}")
     return out

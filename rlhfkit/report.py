@@ -280,21 +280,28 @@ def _timings(run: Path) -> dict[str, float]:
     return out
 
 
+def _tone(x, neutral: float = 0.0) -> str:
+    """CSS class of a number: green above `neutral`, red below."""
+    if x is None or x == neutral:
+        return ""
+    return "good" if x > neutral else "bad"
+
+
 def _cards(ev: dict) -> str:
     wr = ev["win_rate"]["reward_model"]
     rl, sft = ev["policies"]["rlhf"], ev["policies"]["sft"]
     delta = (rl.get("score") or 0) - (sft.get("score") or 0) if rl.get("score") is not None and sft.get("score") is not None else None
     cards = [
         (f"{_num(wr.get('rate'), '.0%')}", f"RLHF win rate over SFT (reward model) ± {_num(wr.get('stderr'), '.0%')}",
-         "good" if (wr.get("rate") or 0) > 0.5 else "bad"),
+         _tone(wr.get("rate"), 0.5)),
         (f"{_num(delta, '+.2f')}", f"score change, {_num(sft.get('score'), '.2f')} → {_num(rl.get('score'), '.2f')}",
-         "good" if (delta or 0) > 0 else "bad"),
+         _tone(delta)),
         (f"{_num(rl.get('kl_from_sft'), '.2f')}", "KL from SFT (nats / response)", ""),
     ]
     if ev["win_rate"].get("judge"):
         wj = ev["win_rate"]["judge"]
         cards.insert(1, (f"{_num(wj.get('rate'), '.0%')}", f"win rate under the held-out judge ± {_num(wj.get('stderr'), '.0%')}",
-                         "good" if (wj.get("rate") or 0) > 0.5 else "bad"))
+                         _tone(wj.get("rate"), 0.5)))
     acc = ev.get("reward_model_accuracy")
     if acc:
         cards.append((f"{_num(acc.get('accuracy'), '.0%')}", "reward-model accuracy on held-out pairs", ""))

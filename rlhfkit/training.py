@@ -118,6 +118,15 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
+def peak_memory_mb() -> float:
+    """Peak memory so far: CUDA memory allocated on a GPU, else the process's peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def check_finite(name: str, value: torch.Tensor | float, step: int) -> None:
     v = torch.as_tensor(value)
     if not torch.isfinite(v).all():
@@ -349,7 +358,7 @@ def train_supervised(
             train_stats = _finish_stats(reduced)
             check_finite("loss", train_stats.get("loss", 0.0), done)
             elapsed = time.perf_counter() - t0
-            train_stats.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+            train_stats.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), peak_memory_mb=peak_memory_mb())
             if tokens_seen:
                 train_stats["tokens_per_s"] = tokens_seen * accelerator.num_processes / elapsed
             metrics.log(done, train_stats)

@@ -185,7 +185,7 @@ def test_rank_with_mouse_and_keyboard_then_export(tmp_path, page):
         assert [r["annotator"] for r in records] == ["ann", "ann"]
         assert records[0]["responses"] == [r["text"] for r in TASKS[0]["responses"]]
         assert records[0]["models"] == ["m-a", "m-b", "m-c", "m-d"]
-        assert records[1]["prompt"] == "What is 7 times 8?"
+        assert records[1]["messages"] == [{"role": "user", "content": "What is 7 times 8?"}]
     finally:
         server.stop()
 
