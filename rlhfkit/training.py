@@ -295,6 +295,7 @@ class LoopResult:
     steps: int
     resumed_from: int | None
     evals: list[dict[str, float]] = field(default_factory=list)
+    finished: bool = False  # False when stopped early by `stop_after`
 
 
 def train_supervised(
@@ -380,6 +381,7 @@ def train_supervised(
     final = evaluate()
     metrics.log(total, final, "eval")
     result.evals.append(final)
+    result.finished = True
     metrics.close()
     return result
 
