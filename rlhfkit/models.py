@@ -164,8 +164,14 @@ def train_only_top_layers(model, n: int) -> None:
     Autograd then never runs backward below the lowest trainable block, so a step costs about
     (1 + 2n/L) forward passes instead of 3: a large saving on CPU. n = 0 leaves all trainable.
     """
+    for p in parameters_below_top_layers(model, n):
+        p.requires_grad_(False)
+
+
+def parameters_below_top_layers(model, n: int) -> list[torch.nn.Parameter]:
+    """The parameters `train_only_top_layers(model, n)` freezes (none for n = 0)."""
     if n <= 0:
-        return
+        return []
     blocks = transformer_blocks(model)
     if n > len(blocks):
         raise ValueError(f"train_top_layers={n} but the model has {len(blocks)} blocks")
@@ -174,9 +180,7 @@ def train_only_top_layers(model, n: int) -> None:
     norm = getattr(backbone, "norm", None) or getattr(backbone, "ln_f", None)
     if norm is not None:
         keep |= {id(p) for p in norm.parameters()}
-    for p in model.parameters():
-        if id(p) not in keep:
-            p.requires_grad_(False)
+    return [p for p in model.parameters() if id(p) not in keep]
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraSettings, adapter_name: str = "default", task_type: str = "CAUSAL_LM"):

@@ -61,7 +61,16 @@ from tqdm.auto import tqdm
 from .config import PPOConfig
 from .data import load_demonstrations, load_prompts
 from .generate import model_path_of, sample_ids
-from .models import apply_lora, backbone_and_head, disable_dropout, load_causal_lm, load_tokenizer, save_model
+from .models import (
+    apply_lora,
+    backbone_and_head,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    parameters_below_top_layers,
+    save_model,
+    train_only_top_layers,
+)
 from .ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -229,6 +238,21 @@ def _freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
+def _copy_sharing(model: torch.nn.Module, shared: list[torch.nn.Parameter]) -> torch.nn.Module:
+    """A deep copy of ``model`` in which the ``shared`` parameters are the original tensors."""
+    return copy.deepcopy(model, {id(p): p for p in shared})
+
+
+def _store_frozen_as(dtype: torch.dtype, *modules) -> None:
+    """Cast the frozen floating-point parameters (and buffers) of ``modules`` to ``dtype`` in place."""
+    for module in modules:
+        if module is None:
+            continue
+        for p in module.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
 def _lora_config(cfg: PPOConfig):
     from peft import LoraConfig
 
@@ -267,14 +291,24 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
 
     policy = load_causal_lm(policy_path, tokenizer, dtype=torch.float32)  # dropout off
     lora = cfg.lora.enabled
+    top = cfg.train_top_layers
+    if lora and top:
+        raise ValueError("train_top_layers and lora.enabled are two ways to train less: choose one")
     reward_base_peft = None
     if not lora:
-        reference = _freeze(copy.deepcopy(policy))
-        if cfg.critic_init == "reward":
-            critic_backbone = backbone_and_head(copy.deepcopy(rm.lm))[0]
-        else:
-            critic_backbone = backbone_and_head(copy.deepcopy(policy))[0]
+        # With train_top_layers the frozen lower blocks are one set of tensors: the reference shares
+        # the policy's, the critic shares the reward model's (deepcopy with those tensors memoised).
+        train_only_top_layers(policy, top)
+        reference = _freeze(_copy_sharing(policy, parameters_below_top_layers(policy, top)))
+        source = rm.lm if cfg.critic_init == "reward" else policy
+        shared = parameters_below_top_layers(source, top)
+        critic_backbone = backbone_and_head(_copy_sharing(source, shared))[0]
+        shared_ids = {id(q) for q in shared}
+        for p in critic_backbone.parameters():
+            p.requires_grad_(id(p) not in shared_ids)
         layout = "full fine-tuning: policy, frozen reference copy, critic, frozen reward model (4 networks)"
+        if top:
+            layout += f"; only the top {top} blocks train, the blocks below are shared by policy and reference, critic and reward model"
     else:
         reference = None
         policy = apply_lora(policy, cfg.lora, adapter_name=POLICY_ADAPTER)
@@ -306,16 +340,25 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
     actor_critic = ActorCritic(
         policy, critic_backbone, value_head, cfg.generation.temperature, shared=lora and cfg.critic_init == "policy"
     )
-    # trainable: everything of the policy and critic (full), or the adapters + value head (LoRA)
+    # trainable: the policy and critic (full, or their top blocks), or the adapters + value head (LoRA)
     for name, p in actor_critic.named_parameters():
         if lora:
             p.requires_grad_(".lora_" in name or name.startswith("value_head."))
-        else:
+        elif not top:
             p.requires_grad_(True)
+    value_head.requires_grad_(True)
     if lora and cfg.lora.dropout:
         log.info("lora.dropout %.2f is switched off: PPO needs deterministic log-probs", cfg.lora.dropout)
     disable_dropout(actor_critic)  # dropout off everywhere, LoRA branches included
     actor_critic.freeze_trainable_set()
+    if cfg.gradient_checkpointing:
+        for model in {id(m): m for m in (policy, critic_backbone) if m is not None}.values():
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.precision == "bf16":
+        # Frozen weights are only read, and autocast reads them in bf16 anyway: storing them in bf16
+        # halves the frozen networks (LoRA bases, reference, reward model). Trained weights stay fp32.
+        # The reward head stays fp32, so scores are not rounded to bf16's 3 digits.
+        _store_frozen_as(torch.bfloat16, actor_critic, reference, rm.lm)
     actor_critic.to(device)
     if reference is not None:
         reference.to(device)

@@ -142,6 +142,13 @@ def check_finite(name: str, value: torch.Tensor | float, step: int) -> None:
 def make_accelerator(cfg: TrainingSettings) -> Accelerator:
     # cpu=True without a GPU: under `accelerate launch --multi_gpu --num_processes N` (torchrun) the
     # processes then form a gloo group (MULTI_CPU) instead of N independent single-process runs.
+    from accelerate.state import AcceleratorState
+
+    wanted = "bf16" if cfg.precision == "bf16" else "no"
+    if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
+        # One process may run several steps with different precisions (a notebook, the tests):
+        # accelerate keeps its first choice in a singleton; reset it (the process group stays).
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         cpu=not torch.cuda.is_available(),

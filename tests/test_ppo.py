@@ -286,6 +286,48 @@ def test_reference_equals_policy_at_start_and_final_policy_loads(tiny_model_dir,
     torch.testing.assert_close(lp[batch.mask[:, :T]], batch.old_logprobs[:, :T][batch.mask[:, :T]], rtol=1e-4, atol=1e-4)
 
 
+def test_train_top_layers_shares_the_frozen_blocks_stored_in_bf16(tiny_model_dir, reward_dir, prompts_file, tmp_path):
+    """Full fine-tuning of the top block only: the block below is ONE tensor set shared by policy and
+    reference (and by critic and reward model), stored in bf16 and never updated; trained weights stay fp32."""
+    from rlhfkit.models import transformer_blocks
+
+    cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=1, train_top_layers=1, precision="bf16")
+    trainer = PPOTrainer(cfg)
+    nets, ac = trainer.nets, trainer.ac
+    policy_blocks, reference_blocks = transformer_blocks(ac.policy), transformer_blocks(nets.reference)
+    critic_blocks, rm_blocks = ac.critic_backbone.layers, transformer_blocks(nets.reward_model.lm)
+    for shared_a, shared_b in ((policy_blocks[0], reference_blocks[0]), (critic_blocks[0], rm_blocks[0])):
+        for a, b in zip(shared_a.parameters(), shared_b.parameters(), strict=True):
+            assert a is b and not a.requires_grad and a.dtype == torch.bfloat16
+    for own_a, own_b in ((policy_blocks[1], reference_blocks[1]), (critic_blocks[1], rm_blocks[1])):
+        for a, b in zip(own_a.parameters(), own_b.parameters(), strict=True):
+            assert a is not b and a.requires_grad and a.dtype == torch.float32 and not b.requires_grad
+    assert all(p.dtype == torch.float32 for p in trainer.policy_params + trainer.critic_params)
+    assert nets.reward_model.head.weight.dtype == torch.float32  # scores are not rounded to bf16
+    before = {name: p.detach().clone() for name, p in nets.reference.named_parameters()}
+    top_before = [p.detach().clone() for p in policy_blocks[1].parameters()]
+
+    trainer.iteration(0)
+    batch = trainer._last_batch
+    assert torch.equal(batch.old_logprobs, batch.ref_logprobs)  # same weights, same dtypes, same path
+    for name, p in nets.reference.named_parameters():
+        assert torch.equal(p, before[name]), name  # neither the shared nor the copied blocks moved
+    assert any(not torch.equal(p, q) for p, q in zip(policy_blocks[1].parameters(), top_before))
+
+
+def test_lora_bases_are_stored_in_bf16(tiny_model_dir, reward_dir, prompts_file, tmp_path):
+    cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=1, lora=LORA, precision="bf16")
+    trainer = PPOTrainer(cfg)
+    frozen = [p for p in trainer.ac.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in trainer.policy_params + trainer.critic_params)
+    trainer.iteration(0)
+    batch = trainer._last_batch
+    assert torch.equal(batch.old_logprobs, batch.ref_logprobs)
+    with pytest.raises(ValueError, match="choose one"):
+        PPOTrainer(ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "x", lora=LORA, train_top_layers=1))
+
+
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / "model.safetensors"))
 
