@@ -55,7 +55,12 @@ class TrainingSettings(Section):
     """LoRA settings; full fine-tuning when lora.enabled is false."""
     train_top_layers: int = Field(0, ge=0)
     """Train only the top N transformer blocks (and the final norm); 0 trains all. Lower blocks then
-    need no backward pass, about 2x faster per step on CPU for N = L/4. Combines with LoRA."""
+    need no backward pass, about 2x faster per step on CPU for N = L/4. Combines with LoRA in SFT and
+    the reward model; in PPO it replaces LoRA (the frozen blocks are then shared by policy and reference)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (sorted within random windows of 32 global batches),
+    so less padding is computed: often 20-30% faster on data of mixed lengths. The order stays a pure
+    function of the seed (resumable); steps see less varied lengths. Ignored when packing."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory, ~30% more time."""
     learning_rate: float = Field(2e-5, gt=0)

@@ -570,6 +570,7 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         process_index=accelerator.process_index,
         seed=cfg.seed,
         weight=lambda c: 1.0,
+        length=(lambda c: max(len(r) for r in c.rows)) if cfg.group_by_length else None,  # rows pad to the longest
     )
     rm = build_reward_model(base, tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
     if cfg.gradient_checkpointing:

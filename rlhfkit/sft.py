@@ -134,6 +134,7 @@ def train_sft(cfg: SFTConfig, tokenizer, train_examples: list[Example], eval_exa
         process_index=accelerator.process_index,
         seed=cfg.seed,
         weight=weight,
+        length=len if cfg.group_by_length and not cfg.packing else None,
     )
     model = load_causal_lm(cfg.model, tokenizer, dropout=cfg.dropout, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
     if cfg.gradient_checkpointing:

@@ -218,6 +218,8 @@ class DataPlan:
     seed: int
     weight: Callable[[Any], float] = lambda item: 1.0
     group: Callable[[list[Any]], list[Any]] | None = None  # e.g. packing: items -> rows
+    length: Callable[[Any], int] | None = None  # set: group items of similar length (less padding)
+    length_window: int = 32  # global batches per window sorted by length
 
     @property
     def global_batch(self) -> int:
@@ -229,7 +231,16 @@ class DataPlan:
 
     def epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        return torch.randperm(len(self.items), generator=g).tolist()
+        order = torch.randperm(len(self.items), generator=g).tolist()
+        if self.length is None:
+            return order
+        # Like transformers' LengthGroupedSampler: sort random windows by length, so a global batch
+        # holds similar lengths; then shuffle the batches so long and short ones alternate over time.
+        n, w = self.global_batch, self.global_batch * self.length_window
+        order = [i for s in range(0, len(order), w) for i in sorted(order[s : s + w], key=lambda i: -self.length(self.items[i]))]
+        full = len(order) // n * n
+        batches = [order[s : s + n] for s in range(0, full, n)]
+        return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]] + order[full:]
 
     def step(self, global_step: int) -> GlobalBatch:
         epoch, index = divmod(global_step, self.steps_per_epoch)
