@@ -2,7 +2,16 @@
 `trl.experimental.ppo.PPOTrainer`, at one fixed configuration.
 
     python benchmarks/ppo_throughput.py [--trl-python .venv-trl/bin/python] [--prompts 16] [--response-length 64]
-                                        [--ppo-epochs 4] [--minibatch 8] [--batch 8] [--iterations 3] [--lora]
+                                        [--ppo-epochs 4] [--minibatch 8] [--batch 8] [--iterations 3]
+                                        [--layouts lora,full,top8] [--trl-layouts full,lora]
+
+Layouts (one row each): `lora` - rlhfkit's shared-base LoRA layout (policy adapter on the SFT base,
+reference = adapter off; critic adapter on the reward model's base, reward model = adapter off: two
+base networks, frozen in bf16); `full` - full fine-tuning, four networks; `topN` - full fine-tuning of
+the top N blocks only, lower blocks shared (rlhfkit only). TRL's `full` is its PPOTrainer with policy,
+reference, value and reward models as four separate networks (the peer as the issue names it); its
+`lora` puts a LoRA adapter on the policy (reference = adapter off; the value model stays a full
+network, as TRL does). Ratios compare every rlhfkit row with TRL's first row.
 
 Same work for both engines:
 * the same policy (`--model`, default SmolLM2-135M-Instruct, with the pad token rlhfkit adds), reference,
@@ -100,7 +109,8 @@ def run_rlhfkit(args, paths: dict, work: Path) -> dict:
         return out[:, prompt_ids.shape[1] :]
 
     ppo.sample_ids = full_length
-    out = work / "rlhfkit-run"
+    layout = "lora" if args.lora else f"top{args.train_top_layers}" if args.train_top_layers else "full"
+    out = work / f"rlhfkit-run-{layout}"  # a fresh run folder per layout
     cfg = PPOConfig(
         policy_model=paths["policy"], reward_model=paths["reward"], prompts=paths["prompts"], output_dir=str(out),
         precision=args.precision, prompts_per_iteration=args.prompts, minibatch_size=args.minibatch, batch_size=args.batch,
@@ -109,6 +119,7 @@ def run_rlhfkit(args, paths: dict, work: Path) -> dict:
                     "max_prompt_length": args.prompt_length},
         checkpoint_every=0, sample_every=0, critic_init="reward",
         **({"lora": {"enabled": True, "r": 16, "alpha": 32}} if args.lora else {}),
+        train_top_layers=args.train_top_layers,
     )  # fmt: skip
     ppo.PPOTrainer(cfg).train()
     rows = read_metrics(out / "metrics.jsonl")[args.warmup :]
@@ -135,7 +146,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--lora", action="store_true", help="LoRA r=16 on the policy (and the critic) in both engines")
+    parser.add_argument("--layouts", default="lora,full", help="rlhfkit rows: comma-separated lora | full | topN")
+    parser.add_argument("--trl-layouts", default="full", help="TRL rows: comma-separated full | lora")
+    parser.add_argument("--lora", action="store_true", help="(internal) LoRA r=16 on policy and critic")
+    parser.add_argument("--train-top-layers", type=int, default=0, help="(internal) rlhfkit: train the top N blocks only")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
@@ -151,16 +165,24 @@ def main() -> None:
     common = ["--prompts", str(args.prompts), "--prompt-length", str(args.prompt_length), "--response-length",
               str(args.response_length), "--ppo-epochs", str(args.ppo_epochs), "--minibatch", str(args.minibatch),
               "--batch", str(args.batch), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-              "--precision", args.precision, "--threads", str(args.threads), *(["--lora"] if args.lora else [])]  # fmt: skip
+              "--precision", args.precision, "--threads", str(args.threads)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1"}
-    runs = [("rlhfkit", [sys.executable, __file__, "--engine", "rlhfkit", "--work", str(work), *common])]
+    runs = []
+    for layout in args.layouts.split(","):
+        extra = ["--lora"] if layout == "lora" else ["--train-top-layers", layout[3:]] if layout.startswith("top") else []
+        if layout not in ("lora", "full") and not (layout.startswith("top") and layout[3:].isdigit()):
+            raise SystemExit(f"--layouts: unknown layout {layout!r} (lora, full or topN)")
+        runs.append((f"rlhfkit {layout}", [sys.executable, __file__, "--engine", "rlhfkit", "--work", str(work), *common, *extra]))
     if Path(args.trl_python).exists():
-        runs.append(("trl", [args.trl_python, str(PEER), "--policy", paths["policy"], "--prompt-ids", paths["prompt_ids"],
-                             "--out", str(work / "trl-run"), *common]))  # fmt: skip
+        for layout in args.trl_layouts.split(","):
+            runs.append((f"trl {layout}", [args.trl_python, str(PEER), "--policy", paths["policy"], "--prompt-ids",
+                                           paths["prompt_ids"], "--out", str(work / f"trl-run-{layout}"), *common,
+                                           *(["--lora"] if layout == "lora" else [])]))  # fmt: skip
     else:
-        print(f"TRL row skipped: {args.trl_python} not found (build it with `make bench-env`, or pass --trl-python)")
+        print(f"TRL rows skipped: {args.trl_python} not found (build it with `make bench-env`, or pass --trl-python)")
     rows = {}
     for name, command in runs:
+        print(f"running {name} ...", flush=True)
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -172,21 +194,24 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {args.threads} threads)"
     print(
-        f"\nPPO iteration - model {args.model}{' + LoRA' if args.lora else ''}, {args.prompts} prompts x "
+        f"\nPPO iteration - model {args.model}, {args.prompts} prompts x "
         f"({args.prompt_length} prompt + {args.response_length} response tokens), {args.ppo_epochs} epochs of "
         f"{args.minibatch}-response minibatches, micro-batch {args.batch}, {args.precision}, {device}; "
         f"{args.iterations} timed iterations after {args.warmup} warm-up"
     )
-    print(f"{'engine':<10} {'s/iter':>8} {'generate':>9} {'score':>8} {'train':>8} {'peak MB':>9}")
+    print(f"{'engine':<14} {'s/iter':>8} {'generate':>9} {'score':>8} {'train':>8} {'peak MB':>9}")
     for name, r in rows.items():
         ph = r.get("phases") or {}
         cell = lambda p: f"{ph[p]:>8.2f}" if p in ph else f"{'n/a':>8}"  # noqa: E731
-        print(f"{name:<10} {r['seconds_per_iteration']:>8.2f} {cell('generation'):>9} {cell('scoring')} {cell('training')} {r['peak_mb']:>9.0f}")
-    if len(rows) == 2:
-        ours, peer = rows["rlhfkit"], rows["trl"]
-        print(f"{'ratio':<10} {peer['seconds_per_iteration'] / ours['seconds_per_iteration']:>7.2f}x {'':>27} "
-              f"{ours['peak_mb'] / peer['peak_mb']:>8.2f}x   (speed-up: TRL s/iter / rlhfkit s/iter, higher is better; "
-              "memory: rlhfkit/TRL, lower is better)")  # fmt: skip
+        print(f"{name:<14} {r['seconds_per_iteration']:>8.2f} {cell('generation'):>9} {cell('scoring')} {cell('training')} {r['peak_mb']:>9.0f}")
+    peers = [n for n in rows if n.startswith("trl")]
+    if peers:
+        peer = rows[peers[0]]
+        print(f"\nagainst {peers[0]} (speed-up: its s/iter / ours, higher is better; memory: ours / its, lower is better)")
+        for name in (n for n in rows if n.startswith("rlhfkit")):
+            ours = rows[name]
+            print(f"{name:<14} speed-up {peer['seconds_per_iteration'] / ours['seconds_per_iteration']:>5.2f}x   "
+                  f"memory {ours['peak_mb'] / peer['peak_mb']:>5.2f}x")  # fmt: skip
     (work / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     print(f"results: {work / 'results.json'}")
 
