@@ -315,6 +315,25 @@ def test_train_top_layers_shares_the_frozen_blocks_stored_in_bf16(tiny_model_dir
     assert any(not torch.equal(p, q) for p, q in zip(policy_blocks[1].parameters(), top_before))
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_changes_no_number(tiny_model_dir, reward_dir, prompts_file, tmp_path, lora):
+    """Recomputing activations in the backward pass gives the same iteration (same losses, same update)."""
+    extra = {"lora": LORA} if lora else {}
+    results = []
+    for gc in (False, True):
+        cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / f"gc{gc}", max_steps=1, gradient_checkpointing=gc, **extra)
+        trainer = PPOTrainer(cfg)
+        assert trainer.ac.policy.is_activation_checkpointing == gc
+        torch.manual_seed(0)
+        metrics = trainer.iteration(0)
+        results.append((metrics, [p.detach().clone() for p in trainer.policy_params]))
+    (m0, w0), (m1, w1) = results
+    for key in ("policy_loss", "value_loss", "score", "approx_kl"):
+        assert m0[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+    for a, b in zip(w0, w1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_lora_bases_are_stored_in_bf16(tiny_model_dir, reward_dir, prompts_file, tmp_path):
     cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=1, lora=LORA, precision="bf16")
     trainer = PPOTrainer(cfg)
