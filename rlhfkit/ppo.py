@@ -355,10 +355,12 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
         for model in {id(m): m for m in (policy, critic_backbone) if m is not None}.values():
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.precision == "bf16":
-        # Frozen weights are only read, and autocast reads them in bf16 anyway: storing them in bf16
-        # halves the frozen networks (LoRA bases, reference, reward model). Trained weights stay fp32.
-        # The reward head stays fp32, so scores are not rounded to bf16's 3 digits.
-        _store_frozen_as(torch.bfloat16, actor_critic, reference, rm.lm)
+        # Frozen weights are only read, and autocast reads matrices in bf16 anyway: storing them in bf16
+        # halves the LoRA bases, the blocks shared below train_top_layers and the reward model. Trained
+        # weights stay fp32, and so do the reference's own copies of them: the reference then computes
+        # exactly what the policy computed at the start (KL 0), not a bf16 rounding of it. The reward
+        # head stays fp32, so scores are not rounded to bf16's 3 digits.
+        _store_frozen_as(torch.bfloat16, actor_critic, rm.lm)
     actor_critic.to(device)
     if reference is not None:
         reference.to(device)

@@ -289,9 +289,18 @@ def test_reference_equals_policy_at_start_and_final_policy_loads(tiny_model_dir,
 def test_train_top_layers_shares_the_frozen_blocks_stored_in_bf16(tiny_model_dir, reward_dir, prompts_file, tmp_path):
     """Full fine-tuning of the top block only: the block below is ONE tensor set shared by policy and
     reference (and by critic and reward model), stored in bf16 and never updated; trained weights stay fp32."""
-    from rlhfkit.models import transformer_blocks
+    from rlhfkit.models import load_causal_lm, load_tokenizer, save_model, transformer_blocks
 
-    cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=1, train_top_layers=1, precision="bf16")
+    # norm weights that bf16 cannot hold exactly: a reference stored in bf16 would then differ from the policy
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir), tok)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.rand_like(p) * 0.1)
+    policy_dir = save_model(model, tok, tmp_path / "policy")
+    cfg = ppo_config(policy_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=1, train_top_layers=1, precision="bf16")
     trainer = PPOTrainer(cfg)
     nets, ac = trainer.nets, trainer.ac
     policy_blocks, reference_blocks = transformer_blocks(ac.policy), transformer_blocks(nets.reference)
@@ -299,9 +308,10 @@ def test_train_top_layers_shares_the_frozen_blocks_stored_in_bf16(tiny_model_dir
     for shared_a, shared_b in ((policy_blocks[0], reference_blocks[0]), (critic_blocks[0], rm_blocks[0])):
         for a, b in zip(shared_a.parameters(), shared_b.parameters(), strict=True):
             assert a is b and not a.requires_grad and a.dtype == torch.bfloat16
-    for own_a, own_b in ((policy_blocks[1], reference_blocks[1]), (critic_blocks[1], rm_blocks[1])):
+    for own_a, own_b, frozen_dtype in ((policy_blocks[1], reference_blocks[1], torch.float32), (critic_blocks[1], rm_blocks[1], torch.bfloat16)):
         for a, b in zip(own_a.parameters(), own_b.parameters(), strict=True):
-            assert a is not b and a.requires_grad and a.dtype == torch.float32 and not b.requires_grad
+            assert a is not b and a.requires_grad and a.dtype == torch.float32
+            assert not b.requires_grad and b.dtype == frozen_dtype  # the reference's own blocks stay as the policy's
     assert all(p.dtype == torch.float32 for p in trainer.policy_params + trainer.critic_params)
     assert nets.reward_model.head.weight.dtype == torch.float32  # scores are not rounded to bf16
     before = {name: p.detach().clone() for name, p in nets.reference.named_parameters()}
