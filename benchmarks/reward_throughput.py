@@ -11,7 +11,8 @@ its real `run_reward` path (which re-tokenises to the same ids), TRL gets them p
 (`chosen_ids` / `rejected_ids`). Each engine runs in a fresh subprocess (so peak memory is its
 own), takes `--warmup` steps, then `--steps` timed steps. Peak memory: max RSS of the process on
 CPU, max allocated CUDA memory on GPU. TRL is installed only for this benchmark, in its own
-virtualenv (`make bench-env`); without it only the rlhfkit row is printed.
+virtualenv (`make bench-env`); without it only the rlhfkit row is printed. Gradient checkpointing is set
+the same for both (`--gradient-checkpointing`, default on as in TRL's RewardConfig).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def run_rlhfkit(args) -> dict:
         batch_size=args.batch, grad_accum=1, max_steps=args.steps + args.warmup, precision=args.precision,
         max_length=args.length, max_prompt_share=0.5, eval_every=0, checkpoint_every=0, log_every=1,
         learning_rate=1e-5, warmup_ratio=0.0, max_reference_examples=1, seed=0,
+        gradient_checkpointing=args.gradient_checkpointing == "on",
     )  # fmt: skip
     run_reward(cfg)
     times = [m["time"] for m in read_metrics(out / "metrics.jsonl") if m["phase"] == "train"]
@@ -116,6 +118,7 @@ def run_trl(args) -> dict:
         max_steps=args.steps + args.warmup, learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
         bf16=args.precision == "bf16", max_length=args.length, report_to=[], save_strategy="no", logging_steps=1000,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0, remove_unused_columns=False,
+        gradient_checkpointing=args.gradient_checkpointing == "on",  # TRL's RewardConfig default is on
     )  # fmt: skip
     trainer = RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
@@ -146,6 +149,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                        help="set equally for both engines (TRL's RewardConfig turns it on by default)")
     args = parser.parse_args()
 
     if args.engine:
@@ -157,7 +162,8 @@ def main() -> None:
     prepared = prepare(args, workdir)
     common = ["--workdir", str(workdir), "--model", args.model, "--model-path", prepared["model_path"], "--batch", str(args.batch),
               "--length", str(args.length), "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--precision", args.precision, "--threads", str(args.threads)]  # fmt: skip
+              "--precision", args.precision, "--threads", str(args.threads),
+              "--gradient-checkpointing", args.gradient_checkpointing]  # fmt: skip
     engines = [("rlhfkit", sys.executable)]
     why_no_trl = None
     if not Path(args.trl_python).exists():
@@ -182,7 +188,8 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\nReward-model training throughput - model {args.model} (full fine-tuning), batch {args.batch} pairs "
-          f"(= {2 * args.batch} rows) x {args.length} tokens, {args.precision}, {device}, {args.steps} timed steps "
+          f"(= {2 * args.batch} rows) x {args.length} tokens, {args.precision}, gradient checkpointing {args.gradient_checkpointing}, "
+          f"{device}, {args.steps} timed steps "
           f"after {args.warmup} warm-up")  # fmt: skip
     print(f"{'engine':<10} {'pairs/s':>9} {'tokens/s':>10} {'s/step':>8} {'peak MB':>9}")
     for name, r in rows.items():
