@@ -254,8 +254,12 @@ def _changed_fields(plan: Plan, name: str) -> list[str]:
     if not saved_file.exists():
         return []
     saved = yaml.safe_load(saved_file.read_text()) or {}
-    current = plan.configs[name].model_dump(mode="json")
-    return [c for c in _config_changes(saved, current) if c != "resume"]
+    current = plan.configs[name]
+    try:  # a field added to rlhfkit since that run counts as its default, not as a change
+        saved = type(current).model_validate(saved).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - a field since removed or renamed: compare as written
+        pass
+    return [c for c in _config_changes(saved, current.model_dump(mode="json")) if c != "resume"]
 
 
 def _warn_if_changed(plan: Plan, name: str, changed: list[str], done: bool) -> None:

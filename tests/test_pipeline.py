@@ -221,3 +221,22 @@ def test_killed_pipeline_continues_where_it_stopped(tmp_path, tiny_model_dir):
                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert third.returncode == 0, third.stderr[-3000:]
     assert third.stderr.count("already done, skipped") == 4 and "report:" not in third.stdout
+
+
+def test_config_change_check_ignores_fields_added_since_a_run(tmp_path):
+    """A finished step whose saved config.yaml predates a new field (with its default) is unchanged;
+    a real difference is named."""
+    import yaml
+
+    from rlhfkit.config import PipelineConfig
+    from rlhfkit.pipeline import _changed_fields, plan_pipeline
+
+    plan = plan_pipeline(PipelineConfig(output_dir=str(tmp_path / "run")))
+    saved = plan.configs["reward"].model_dump(mode="json")
+    del saved["group_by_length"]  # as written by an rlhfkit that did not have the field yet
+    plan.dirs["reward"].mkdir(parents=True)
+    (plan.dirs["reward"] / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert _changed_fields(plan, "reward") == []
+    saved["learning_rate"] = saved["learning_rate"] * 2
+    (plan.dirs["reward"] / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert _changed_fields(plan, "reward") == ["learning_rate"]
