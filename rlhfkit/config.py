@@ -60,7 +60,8 @@ class TrainingSettings(Section):
     group_by_length: bool = False
     """Batch examples of similar length together (sorted within random windows of 32 global batches),
     so less padding is computed: often 20-30% faster on data of mixed lengths. The order stays a pure
-    function of the seed (resumable); steps see less varied lengths. Ignored when packing."""
+    function of the seed (resumable); steps see less varied lengths. SFT and reward model only, and not
+    with packing; PPO always orders its micro-batches by length."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory, ~30% more time."""
     learning_rate: float = Field(2e-5, gt=0)

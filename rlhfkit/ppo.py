@@ -244,7 +244,7 @@ def _copy_sharing(model: torch.nn.Module, shared: list[torch.nn.Parameter]) -> t
 
 
 def _store_frozen_as(dtype: torch.dtype, *modules) -> None:
-    """Cast the frozen floating-point parameters (and buffers) of ``modules`` to ``dtype`` in place."""
+    """Cast the frozen floating-point parameters of ``modules`` to ``dtype`` in place."""
     for module in modules:
         if module is None:
             continue

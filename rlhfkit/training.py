@@ -150,7 +150,7 @@ def make_accelerator(cfg: TrainingSettings) -> Accelerator:
         # accelerate keeps its first choice in a singleton; reset it (the process group stays).
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
-        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+        mixed_precision=wanted,
         cpu=not torch.cuda.is_available(),
         step_scheduler_with_optimizer=False,
     )
@@ -220,6 +220,8 @@ class DataPlan:
     group: Callable[[list[Any]], list[Any]] | None = None  # e.g. packing: items -> rows
     length: Callable[[Any], int] | None = None  # set: group items of similar length (less padding)
     length_window: int = 32  # global batches per window sorted by length
+    _order: list[int] = field(default_factory=list, init=False, repr=False)
+    _order_epoch: int = field(default=-1, init=False, repr=False)
 
     @property
     def global_batch(self) -> int:
@@ -230,6 +232,11 @@ class DataPlan:
         return max(1, len(self.items) // self.global_batch)
 
     def epoch_order(self, epoch: int) -> list[int]:
+        if self._order_epoch != epoch:  # step() asks once per step; the order changes once per epoch
+            self._order, self._order_epoch = self._make_epoch_order(epoch), epoch
+        return self._order
+
+    def _make_epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         order = torch.randperm(len(self.items), generator=g).tolist()
         if self.length is None:
