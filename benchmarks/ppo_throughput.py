@@ -3,12 +3,14 @@
 
     python benchmarks/ppo_throughput.py [--trl-python .venv-trl/bin/python] [--prompts 16] [--response-length 64]
                                         [--ppo-epochs 4] [--minibatch 8] [--batch 8] [--iterations 3]
-                                        [--layouts lora,full,top8] [--trl-layouts full,lora]
+                                        [--layouts lora,lora8,full,top8] [--trl-layouts full,lora]
 
 Layouts (one row each): `lora` - rlhfkit's shared-base LoRA layout (policy adapter on the SFT base,
 reference = adapter off; critic adapter on the reward model's base, reward model = adapter off: two
-base networks, frozen in bf16); `full` - full fine-tuning, four networks; `topN` - full fine-tuning of
-the top N blocks only, lower blocks shared (rlhfkit only). TRL's `full` is its PPOTrainer with policy,
+base networks, frozen in bf16); `loraN` - the same with adapters on the top N blocks only, so the
+output of the frozen blocks below is computed once per rollout and reused by every pass and epoch
+(`train_top_layers` + `cache_frozen_activations`); `full` - full fine-tuning, four networks; `topN` -
+full fine-tuning of the top N blocks only, lower blocks shared and their output cached (rlhfkit only). TRL's `full` is its PPOTrainer with policy,
 reference, value and reward models as four separate networks (the peer as the issue names it); its
 `lora` puts a LoRA adapter on the policy (reference = adapter off; the value model stays a full
 network, as TRL does). Ratios compare every rlhfkit row with TRL's first row.
@@ -109,7 +111,7 @@ def run_rlhfkit(args, paths: dict, work: Path) -> dict:
         return out[:, prompt_ids.shape[1] :]
 
     ppo.sample_ids = full_length
-    layout = "lora" if args.lora else f"top{args.train_top_layers}" if args.train_top_layers else "full"
+    layout = ("lora" if args.lora else "top" if args.train_top_layers else "full") + str(args.train_top_layers or "")
     out = work / f"rlhfkit-run-{layout}"  # a fresh run folder per layout
     cfg = PPOConfig(
         policy_model=paths["policy"], reward_model=paths["reward"], prompts=paths["prompts"], output_dir=str(out),
@@ -146,7 +148,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--layouts", default="lora,full", help="rlhfkit rows: comma-separated lora | full | topN")
+    parser.add_argument("--layouts", default="lora,lora8,full", help="rlhfkit rows: comma-separated lora | loraN | full | topN")
     parser.add_argument("--trl-layouts", default="full", help="TRL rows: comma-separated full | lora")
     parser.add_argument("--lora", action="store_true", help="(internal) LoRA r=16 on policy and critic")
     parser.add_argument("--train-top-layers", type=int, default=0, help="(internal) rlhfkit: train the top N blocks only")
@@ -169,9 +171,10 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1"}
     runs = []
     for layout in args.layouts.split(","):
-        extra = ["--lora"] if layout == "lora" else ["--train-top-layers", layout[3:]] if layout.startswith("top") else []
-        if layout not in ("lora", "full") and not (layout.startswith("top") and layout[3:].isdigit()):
-            raise SystemExit(f"--layouts: unknown layout {layout!r} (lora, full or topN)")
+        kind, top = layout.rstrip("0123456789"), layout[len(layout.rstrip("0123456789")) :]
+        if not ((kind in ("lora", "full") and not top) or (kind in ("lora", "top") and top)):
+            raise SystemExit(f"--layouts: unknown layout {layout!r} (lora, loraN, full or topN)")
+        extra = (["--lora"] if kind == "lora" else []) + (["--train-top-layers", top] if top else [])
         runs.append((f"rlhfkit {layout}", [sys.executable, __file__, "--engine", "rlhfkit", "--work", str(work), *common, *extra]))
     if Path(args.trl_python).exists():
         for layout in args.trl_layouts.split(","):

@@ -55,8 +55,9 @@ class TrainingSettings(Section):
     """LoRA settings; full fine-tuning when lora.enabled is false."""
     train_top_layers: int = Field(0, ge=0)
     """Train only the top N transformer blocks (and the final norm); 0 trains all. Lower blocks then
-    need no backward pass, about 2x faster per step on CPU for N = L/4. Combines with LoRA in SFT and
-    the reward model; in PPO it replaces LoRA (the frozen blocks are then shared by policy and reference)."""
+    need no backward pass, about 2x faster per step on CPU for N = L/4. With LoRA, only the top N blocks
+    get adapters. In PPO the frozen blocks are shared by policy and reference (and by critic and reward
+    model), and their output is computed once per rollout (`cache_frozen_activations`)."""
     group_by_length: bool = False
     """Batch examples of similar length together (sorted within random windows of 32 global batches),
     so less padding is computed: often 20-30% faster on data of mixed lengths. The order stays a pure
@@ -241,6 +242,10 @@ class PPOConfig(TrainingSettings):
     critic_init: Literal["reward", "policy"] = "reward"
     """Where the value model starts: 'reward' = the reward model's LM and head (the head rescaled so that it
     predicts normalised scores), 'policy' = the SFT policy's LM with a new head."""
+    cache_frozen_activations: bool = True
+    """With train_top_layers: compute the output of the frozen lower blocks once per rollout (for the policy
+    and reference, and for the reward model and critic) and start every later pass from it, instead of
+    running those blocks again in each pass and epoch. Costs one (prompt + response) x hidden tensor per base."""
     prompts: list[str] | str = "examples/data/prompts.jsonl"
     """Training prompts: a path or a list of them, optionally format-prefixed ('jsonl:', 'hh-rlhf:', 'oasst:', 'self-instruct:')."""
     generation: RolloutSettings = RolloutSettings()

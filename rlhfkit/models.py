@@ -9,6 +9,7 @@ converts it once into a plain safetensors checkpoint under `$RLHFKIT_CACHE` (def
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -183,18 +184,41 @@ def parameters_below_top_layers(model, n: int) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in keep]
 
 
-def apply_lora(model: PreTrainedModel, lora: LoraSettings, adapter_name: str = "default", task_type: str = "CAUSAL_LM"):
-    """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen."""
+def apply_lora(
+    model: PreTrainedModel, lora: LoraSettings, adapter_name: str = "default", task_type: str = "CAUSAL_LM", top_layers: int = 0
+):
+    """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen.
+
+    With `top_layers` > 0 only the top N transformer blocks get adapters: the blocks below then
+    compute what the base computes, so their output can be shared and cached (PPO does)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
+    return get_peft_model(model, lora_config(lora, task_type, model, top_layers), adapter_name=adapter_name)
+
+
+def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM", model=None, top_layers: int = 0):
+    """peft's LoraConfig for `lora` (adapters on the top `top_layers` blocks of `model` only if > 0)."""
+    from peft import LoraConfig
+
+    layers, targets = None, lora.target_modules
+    if top_layers:
+        blocks = transformer_blocks(model)
+        if top_layers > len(blocks):
+            raise ValueError(f"train_top_layers={top_layers} but the model has {len(blocks)} blocks")
+        layers = list(range(len(blocks) - top_layers, len(blocks)))
+        if targets == "all-linear":  # peft takes layers_to_transform only with a list of module names
+            targets = sorted(
+                {name.removesuffix(".base_layer").rsplit(".", 1)[-1]
+                 for name, m in blocks[-1].named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name}
+            )  # fmt: skip
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=targets,
         task_type=task_type,
+        layers_to_transform=layers,
     )
-    return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def load_causal_lm(
@@ -220,7 +244,7 @@ def load_causal_lm(
     if not dropout:
         disable_dropout(model)
     if lora is not None and lora.enabled:
-        model = apply_lora(model, lora)
+        model = apply_lora(model, lora, top_layers=train_top_layers)
     train_only_top_layers(model, train_top_layers)
     return model
 
@@ -248,6 +272,32 @@ def save_model(model, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, m
 
 def model_config(name: str):
     return AutoConfig.from_pretrained(resolve_model(name))
+
+
+def _child_name(parent: torch.nn.Module, child: torch.nn.Module | None) -> str | None:
+    return next((name for name, module in parent.named_children() if module is child), None)
+
+
+@contextlib.contextmanager
+def only_blocks(backbone: torch.nn.Module, start: int, stop: int | None = None):
+    """Within the context `backbone` runs only its transformer blocks ``[start:stop]``, and its final
+    norm only if the range reaches the top. Call it with ``inputs_embeds`` = the hidden state entering
+    block `start` (for start > 0). This is how the output of frozen lower blocks is computed once and
+    reused; `split_forward_matches` checks that an architecture supports it."""
+    blocks = transformer_blocks(backbone)
+    blocks_name = _child_name(backbone, blocks)
+    norm_name = _child_name(backbone, getattr(backbone, "norm", None) or getattr(backbone, "ln_f", None))
+    if blocks_name is None or norm_name is None:
+        raise ValueError(f"{type(backbone).__name__}: its blocks and final norm are not direct children")
+    norm = getattr(backbone, norm_name)
+    setattr(backbone, blocks_name, torch.nn.ModuleList(list(blocks)[start:stop]))
+    if stop is not None and stop < len(blocks):
+        setattr(backbone, norm_name, torch.nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(backbone, blocks_name, blocks)
+        setattr(backbone, norm_name, norm)
 
 
 def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -31,6 +31,11 @@ Memory layout (W = one network's weights):
 * LoRA, critic_init=policy: the SFT base carries both adapters, "policy" and "critic" (peft
   multi-adapter, switched with `set_adapter`), the value head is separate; the reference is the base
   with adapters disabled; the reward model is a separate frozen network. Again about 2W + adapters.
+* `train_top_layers: N` (full fine-tuning or LoRA): only the top N blocks train (with LoRA: only they
+  carry adapters). The blocks below are frozen and shared, so they compute the same thing for the policy
+  and the reference (and for the reward model and the critic) in every pass: their output is computed
+  once per rollout (`frozen_activations`) and every later pass - reference, values, all PPO epochs -
+  runs only the top N blocks from it, forward and backward (`cache_frozen_activations`).
 
 Multi-process (`accelerate launch`): every process rolls out its share of each iteration's prompts;
 the policy and critic are one DDP module (`ActorCritic`), so one backward syncs both; losses are
@@ -67,9 +72,12 @@ from .models import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
+    lora_config,
+    only_blocks,
     parameters_below_top_layers,
     save_model,
     train_only_top_layers,
+    transformer_blocks,
 )
 from .ppo_math import (
     AdaptiveKLController,
@@ -112,31 +120,60 @@ TRAINABLE_WEIGHTS = "trainable.safetensors"
 # ----------------------------------------------------------------------------- forward passes
 
 
-def response_hidden(backbone, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
-    """Hidden states that predict each response token: ``(B, T, H)``.
+def sequence_hidden(backbone, batch: dict, frozen: torch.Tensor | None = None, split: int = 0) -> torch.Tensor:
+    """Final hidden states of prompt + response: ``(B, P + T, H)``.
 
     The sequence is the left-padded prompt followed by the right-padded response; position ids
-    follow the attention mask (as in generation), so left padding does not shift positions.
-    Position ``P - 1 + t`` predicts response token ``t``.
+    follow the attention mask (as in generation), so left padding does not shift positions. With
+    ``frozen`` (the output of the backbone's lower ``split`` blocks, `frozen_hidden`) only the
+    blocks above run.
     """
-    P = prompt_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attention = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
+    input_ids, attention, position_ids = _sequence(batch)
+    if frozen is None:
+        return backbone(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False).last_hidden_state
+    with only_blocks(backbone, split):
+        return backbone(inputs_embeds=frozen, attention_mask=attention, position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+def _sequence(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, attention mask and position ids of left-padded prompt + right-padded response."""
+    attention = torch.cat([batch["prompt_mask"].long(), batch["mask"].long()], dim=1)
     position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    return hidden[:, P - 1 : -1]
+    return torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1), attention, position_ids
 
 
-def policy_logprobs(lm, batch: dict, temperature: float, with_entropy: bool = False):
+def frozen_hidden(backbone, batch: dict, split: int) -> torch.Tensor:
+    """The output of the backbone's lower ``split`` blocks on prompt + response, ``(B, P + T, H)``.
+
+    With ``train_top_layers`` these blocks are frozen and carry no adapter, so their output is the
+    same for every network on the base (policy and reference; reward model and critic) and for every
+    PPO epoch: computed once per rollout, it saves their forward passes and all their backward passes.
+    """
+    input_ids, attention, position_ids = _sequence(batch)
+    with only_blocks(backbone, 0, split):
+        return backbone(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+def response_hidden(backbone, batch: dict, frozen: torch.Tensor | None = None, split: int = 0) -> torch.Tensor:
+    """Hidden states that predict each response token, ``(B, T, H)``: position ``P - 1 + t`` predicts token ``t``."""
+    P = batch["prompt_ids"].shape[1]
+    return sequence_hidden(backbone, batch, frozen, split)[:, P - 1 : -1]
+
+
+def policy_logprobs(lm, batch: dict, temperature: float, with_entropy: bool = False, frozen=None, split: int = 0):
     """Log-probs (and entropy) of the response tokens under ``lm``; logits only on response positions."""
     backbone, head = backbone_and_head(lm)
-    hidden = response_hidden(backbone, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["mask"])
-    logits = head(hidden)
+    logits = head(response_hidden(backbone, batch, frozen, split))
     logprobs = logprobs_from_logits(logits, batch["response_ids"], temperature)
     entropy = entropy_from_logits(logits, temperature) if with_entropy else None
     return logprobs, entropy
+
+
+def reward_scores(rm, batch: dict, frozen=None, split: int = 0) -> torch.Tensor:
+    """Raw reward-model scores of prompt + response, read at the last response token, ``(B,)``."""
+    hidden = sequence_hidden(backbone_and_head(rm.lm)[0], batch, frozen, split)
+    last = batch["prompt_ids"].shape[1] - 1 + batch["mask"].sum(1)
+    return rm.score_hidden(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
 
 class ActorCritic(torch.nn.Module):
@@ -146,9 +183,14 @@ class ActorCritic(torch.nn.Module):
     and ``shared=True`` the critic is the "critic" adapter on the policy's own base network.
     """
 
-    def __init__(self, policy, critic_backbone, value_head: torch.nn.Linear, temperature: float, shared: bool):
+    def __init__(
+        self, policy, critic_backbone, value_head: torch.nn.Linear, temperature: float, shared: bool,
+        policy_split: int = 0, critic_split: int = 0,
+    ):  # fmt: skip
         super().__init__()
         self.policy = policy
+        # blocks below these indices are frozen and shared: their output may come precomputed (`frozen_hidden`)
+        self.policy_split, self.critic_split = policy_split, critic_split
         self.critic_backbone = None if shared else critic_backbone
         self.value_head = value_head
         self.temperature = temperature
@@ -182,23 +224,24 @@ class ActorCritic(torch.nn.Module):
     def critic_body(self):
         return backbone_and_head(self.policy)[0] if self.shared else self.critic_backbone
 
-    def policy_forward(self, batch: dict, with_entropy: bool = False):
+    def policy_forward(self, batch: dict, with_entropy: bool = False, frozen=None):
         with self.adapter(POLICY_ADAPTER):
-            return policy_logprobs(self.policy, batch, self.temperature, with_entropy)
+            return policy_logprobs(self.policy, batch, self.temperature, with_entropy, frozen, self.policy_split)
 
-    def values(self, batch: dict) -> torch.Tensor:
+    def values(self, batch: dict, frozen=None) -> torch.Tensor:
         with self.adapter(CRITIC_ADAPTER):
-            hidden = response_hidden(
-                self.critic_body(), batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["mask"]
-            )
+            hidden = response_hidden(self.critic_body(), batch, frozen, self.critic_split)
         # the head runs in fp32 (it is tiny; bf16 values would be coarse)
         with torch.autocast(hidden.device.type, enabled=False):
             return self.value_head(hidden.float()).squeeze(-1)
 
-    def forward(self, prompt_ids, prompt_mask, response_ids, mask, with_entropy: bool = False, ptx: dict | None = None):
+    def forward(
+        self, prompt_ids, prompt_mask, response_ids, mask, with_entropy: bool = False, ptx: dict | None = None,
+        policy_frozen=None, critic_frozen=None,
+    ):  # fmt: skip
         batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids, "mask": mask}
-        logprobs, entropy = self.policy_forward(batch, with_entropy)
-        values = self.values(batch)
+        logprobs, entropy = self.policy_forward(batch, with_entropy, policy_frozen)
+        values = self.values(batch, critic_frozen)
         ptx_sum = ptx_tokens = None
         if ptx is not None:
             with self.adapter(POLICY_ADAPTER):
@@ -220,6 +263,7 @@ class Networks:
     rm_stats: dict
     same_vocab: bool
     layout: str
+    reward_split: int = 0  # the reward model's blocks below this index are shared with the critic (frozen)
 
     def trainable_names(self) -> tuple[list[str], list[str]]:
         """Names of the trainable parameters of the policy and of the critic."""
@@ -253,15 +297,6 @@ def _store_frozen_as(dtype: torch.dtype, *modules) -> None:
                 p.data = p.data.to(dtype)
 
 
-def _lora_config(cfg: PPOConfig):
-    from peft import LoraConfig
-
-    lora = cfg.lora
-    return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
-    )
-
-
 def value_head_from_reward(rm_head: torch.nn.Linear, mean: float, std: float) -> torch.nn.Linear:
     """A copy of the reward head rescaled to predict normalised scores: (w h + b - mean) / std."""
     head = torch.nn.Linear(rm_head.in_features, 1, bias=True)
@@ -292,8 +327,6 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
     policy = load_causal_lm(policy_path, tokenizer, dtype=torch.float32)  # dropout off
     lora = cfg.lora.enabled
     top = cfg.train_top_layers
-    if lora and top:
-        raise ValueError("train_top_layers and lora.enabled are two ways to train less: choose one")
     reward_base_peft = None
     if not lora:
         # With train_top_layers the frozen lower blocks are one set of tensors: the reference shares
@@ -309,11 +342,11 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
         layout = "full fine-tuning: policy, frozen reference copy, critic, frozen reward model (4 networks)"
         if top:
             layout += f"; only the top {top} blocks train, the blocks below are shared by policy and reference, critic and reward model"
-    else:
+    else:  # with train_top_layers, adapters on the top blocks only
         reference = None
-        policy = apply_lora(policy, cfg.lora, adapter_name=POLICY_ADAPTER)
+        policy = apply_lora(policy, cfg.lora, adapter_name=POLICY_ADAPTER, top_layers=top)
         if cfg.critic_init == "policy":
-            policy.add_adapter(CRITIC_ADAPTER, _lora_config(cfg))
+            policy.add_adapter(CRITIC_ADAPTER, lora_config(cfg.lora, model=policy, top_layers=top))
             policy.set_adapter(POLICY_ADAPTER)
             critic_backbone = None
             layout = (
@@ -321,12 +354,14 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
                 "separate frozen reward model (2 base networks)"
             )
         else:
-            reward_base_peft = apply_lora(rm.lm, cfg.lora, adapter_name=CRITIC_ADAPTER)
+            reward_base_peft = apply_lora(rm.lm, cfg.lora, adapter_name=CRITIC_ADAPTER, top_layers=top)
             critic_backbone = backbone_and_head(reward_base_peft)[0]
             layout = (
                 "LoRA: SFT base with adapter 'policy' (reference = adapter disabled) + reward-model base with "
                 "adapter 'critic' (reward model = adapter disabled) (2 base networks)"
             )
+        if top:
+            layout += f"; adapters on the top {top} blocks only"
     _freeze(rm)  # the reward model (and, with LoRA, its base) is frozen; the critic adapter is re-enabled below
 
     hidden = policy.config.hidden_size if cfg.critic_init == "policy" else rm.head.in_features
@@ -337,9 +372,18 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
         torch.nn.init.normal_(value_head.weight, std=1.0 / math.sqrt(hidden + 1))
         torch.nn.init.zeros_(value_head.bias)
 
+    # The frozen blocks below the top `top` ones compute the same for every network on their base and
+    # for every epoch: with cache_frozen_activations their output is computed once per rollout.
+    policy_split = reward_split = 0
+    if top and cfg.cache_frozen_activations:
+        policy_split = len(transformer_blocks(policy)) - top
+        reward_split = len(transformer_blocks(rm.lm)) - top if cfg.critic_init == "reward" else 0
+        layout += "; their output is computed once per rollout"
+    critic_split = reward_split if cfg.critic_init == "reward" else policy_split
     actor_critic = ActorCritic(
-        policy, critic_backbone, value_head, cfg.generation.temperature, shared=lora and cfg.critic_init == "policy"
-    )
+        policy, critic_backbone, value_head, cfg.generation.temperature, shared=lora and cfg.critic_init == "policy",
+        policy_split=policy_split, critic_split=critic_split,
+    )  # fmt: skip
     # trainable: the policy and critic (full, or their top blocks), or the adapters + value head (LoRA)
     for name, p in actor_critic.named_parameters():
         if lora:
@@ -366,7 +410,7 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
         reference.to(device)
     rm.to(device)
     return Networks(
-        actor_critic, reference, rm, reward_base_peft, tokenizer, rm_tokenizer, rm_stats, same_vocab, layout
+        actor_critic, reference, rm, reward_base_peft, tokenizer, rm_tokenizer, rm_stats, same_vocab, layout, reward_split
     )
 
 
@@ -394,6 +438,9 @@ class Rollout:
     kl_k1: torch.Tensor | None = None  # per token, k1 (logged, fed to the controller)
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    # (B, P + T, H): output of the frozen lower blocks of the policy's base and of the reward model's base
+    policy_frozen: torch.Tensor | None = None
+    reward_frozen: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -407,9 +454,12 @@ class Rollout:
                 out[f.name] = value[idx]
         keep_from = int(out["prompt_mask"].any(0).long().argmax())  # left padding: a suffix of columns is kept
         T = max(1, int(out["mask"].sum(1).max()))
+        P = self.prompt_ids.shape[1]
         for name, value in out.items():
             if name in ("prompt_ids", "prompt_mask"):
                 out[name] = value[:, keep_from:]
+            elif name in ("policy_frozen", "reward_frozen"):
+                out[name] = value[:, keep_from : P + T]
             elif value.dim() == 2:
                 out[name] = value[:, :T]
         return out
@@ -526,6 +576,7 @@ class PPOTrainer:
         self.checkpointer = Checkpointer(self.run, acc, cfg.keep_checkpoints)
         self.samples_file = self.run.path / "samples.jsonl"
         self._warned_missing_eos = False
+        self._split_checked = False
 
     @staticmethod
     def _check_config(cfg: PPOConfig) -> None:
@@ -569,6 +620,68 @@ class PPOTrainer:
         T = int(mask.sum(1).max())
         return Rollout(messages, prompt_ids, prompt_mask, responses[:, :T], mask[:, :T], has_eos)
 
+    # ------------------------------------------------------------------ frozen lower blocks (train_top_layers)
+
+    @torch.no_grad()
+    def frozen_activations(self, batch: Rollout) -> None:
+        """With train_top_layers: the output of the frozen lower blocks of the policy's base (shared by policy,
+        reference and a critic made from the policy) and of the reward model's base (shared by reward model and
+        critic), computed once; every later pass of this rollout starts from it (`frozen_hidden`)."""
+        ac, nets = self.ac, self.nets
+        if not (ac.policy_split or nets.reward_split):
+            return
+        B, T = batch.response_ids.shape
+        bases = [("policy_frozen", backbone_and_head(ac.policy)[0], ac.policy_split),
+                 ("reward_frozen", backbone_and_head(nets.reward_model.lm)[0], nets.reward_split)]  # fmt: skip
+        with self.accelerator.autocast():
+            for rows in self._micro_batches(batch, torch.arange(B)):
+                micro = batch.micro(rows)
+                columns = slice(batch.prompt_ids.shape[1] - micro["prompt_ids"].shape[1], batch.prompt_ids.shape[1] + micro["mask"].shape[1])
+                for name, backbone, split in bases:
+                    if not split:
+                        continue
+                    hidden = frozen_hidden(backbone, _model_batch(micro), split)
+                    if getattr(batch, name) is None:
+                        setattr(batch, name, hidden.new_zeros(B, batch.prompt_ids.shape[1] + T, hidden.shape[-1]))
+                    getattr(batch, name)[rows, columns] = hidden
+        if not self._split_checked:
+            self._check_split(batch)
+
+    def _check_split(self, batch: Rollout) -> None:
+        """Running the upper blocks from the frozen output must give what the whole network gives. A model
+        whose body does more than embed, run its blocks and normalise (e.g. scales its embeddings) fails this;
+        then the cache is switched off and every pass runs the whole network."""
+        self._split_checked = True
+        ac, nets, temperature = self.ac, self.nets, self.cfg.generation.temperature
+        micro = batch.micro(torch.arange(min(len(batch), self.cfg.batch_size)))
+        with self.accelerator.autocast():
+            pairs = []
+            if ac.policy_split:
+                with ac.adapter(POLICY_ADAPTER):
+                    pairs.append((policy_logprobs(ac.policy, micro, temperature, frozen=micro["policy_frozen"], split=ac.policy_split)[0],
+                                  policy_logprobs(ac.policy, micro, temperature)[0]))  # fmt: skip
+            if nets.reward_split:
+                with self._reward_model_active():
+                    pairs.append((reward_scores(nets.reward_model, micro, micro["reward_frozen"], nets.reward_split),
+                                  reward_scores(nets.reward_model, micro)))  # fmt: skip
+        mask = micro["mask"]
+        for cached, whole in pairs:
+            cached, whole = (cached[mask], whole[mask]) if cached.dim() == 2 else (cached, whole)
+            if not torch.allclose(cached, whole, rtol=1e-3, atol=1e-3):
+                log.warning(
+                    "%s: running the upper blocks from the frozen blocks' output differs from the whole network "
+                    "(max difference %.3g); cache_frozen_activations is switched off for this run",
+                    type(backbone_and_head(ac.policy)[0]).__name__, float((cached - whole).abs().max()),
+                )  # fmt: skip
+                ac.policy_split = ac.critic_split = nets.reward_split = 0
+                batch.policy_frozen = batch.reward_frozen = None
+                return
+
+    def _frozen_inputs(self, micro: dict) -> dict:
+        """The frozen activations the actor-critic's forward takes (None: run the whole network)."""
+        critic = micro.get("reward_frozen") if self.cfg.critic_init == "reward" else micro.get("policy_frozen")
+        return {"policy_frozen": micro.get("policy_frozen"), "critic_frozen": critic}
+
     # ------------------------------------------------------------------ 2. score
 
     @torch.no_grad()
@@ -576,18 +689,11 @@ class PPOTrainer:
         """Reward-model scores, normalised with step 2's statistics; clipping; the missing-EOS penalty."""
         cfg, nets, acc = self.cfg, self.nets, self.accelerator
         with acc.autocast(), self._reward_model_active():
-            if nets.same_vocab:  # the policy's token ids as they are, left-aligned
-                rows = [
-                    torch.cat([p[pm.bool()], r[m]]).tolist()
-                    for p, pm, r, m in zip(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.mask)
-                ]
-                raw = []
-                for s in range(0, len(rows), cfg.batch_size):
-                    chunk = rows[s : s + cfg.batch_size]
-                    ids = pad(chunk, self.tokenizer.pad_token_id, side="left").to(acc.device)
-                    attention = pad([[1] * len(r) for r in chunk], 0, side="left").to(acc.device)
-                    raw.append(nets.reward_model(ids, attention).float())
-                raw = torch.cat(raw)
+            if nets.same_vocab:  # the policy's token ids as they are
+                raw = torch.zeros(len(batch), device=acc.device)
+                for rows in self._micro_batches(batch, torch.arange(len(batch))):
+                    micro = batch.micro(rows)
+                    raw[rows] = reward_scores(nets.reward_model, micro, micro.get("reward_frozen"), nets.reward_split)
                 std = float(nets.rm_stats.get("std", 1.0)) or 1.0
                 rm_scores = (raw - float(nets.rm_stats.get("mean", 0.0))) / std
             else:  # another vocabulary: decode and re-tokenise with the reward model's tokenizer
@@ -659,22 +765,23 @@ class PPOTrainer:
         B, T = batch.response_ids.shape
         old, ent, ref, values = (torch.zeros(B, T, device=acc.device) for _ in range(4))
         with acc.autocast():
-            for rows in self._by_length(batch, torch.arange(B)).split(cfg.batch_size):
-                rows = rows.to(batch.mask.device)
+            for rows in self._micro_batches(batch, torch.arange(B)):
                 micro = batch.micro(rows)
                 t = micro["mask"].shape[1]
-                lp, v, e, _, _ = self.ac(**_model_batch(micro), with_entropy=True)
+                frozen = self._frozen_inputs(micro)
+                lp, v, e, _, _ = self.ac(**_model_batch(micro), with_entropy=True, **frozen)
                 old[rows, :t], values[rows, :t], ent[rows, :t] = lp, v, e
                 with self._reference_active() as reference:
-                    ref[rows, :t] = policy_logprobs(reference, _model_batch(micro), cfg.generation.temperature)[0]
+                    ref[rows, :t] = policy_logprobs(
+                        reference, _model_batch(micro), cfg.generation.temperature, frozen=frozen["policy_frozen"], split=self.ac.policy_split
+                    )[0]
         batch.old_logprobs, batch.ref_logprobs, batch.entropy, batch.values = old, ref, ent, values
 
-    @staticmethod
-    def _by_length(batch: Rollout, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` ordered by prompt + response length, so micro-batches carry little padding (the losses
-        are token-weighted sums over micro-batches: their grouping does not change the update)."""
+    def _micro_batches(self, batch: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``rows`` ordered by prompt + response length and split into micro-batches, so they carry little
+        padding (the losses are token-weighted sums over micro-batches: their grouping does not change the update)."""
         lengths = (batch.prompt_mask.sum(1) + batch.mask.sum(1)).cpu()[rows]
-        return rows[torch.argsort(lengths, stable=True)]
+        return rows[torch.argsort(lengths, stable=True)].to(batch.mask.device).split(self.cfg.batch_size)
 
     def kl_rewards(self, batch: Rollout, beta: float) -> None:
         """Per-token reward -beta * kl_t, plus the score on the last token."""
@@ -738,7 +845,7 @@ class PPOTrainer:
             global_tokens = acc.reduce(local, reduction="sum").tolist() if n_proc > 1 else local.tolist()
             for m, mb in enumerate(minibatches):
                 ptx = self.ptx_plan.step((iteration * cfg.ppo_epochs + epoch) * self.n_minibatches + m) if self.ptx_plan else None
-                micros = self._by_length(batch, mb).split(cfg.batch_size)
+                micros = self._micro_batches(batch, mb)
                 for i, rows in enumerate(micros):
                     last = i == len(micros) - 1
                     ctx = acc.no_sync(self.model) if not last and n_proc > 1 else contextlib.nullcontext()
@@ -750,14 +857,14 @@ class PPOTrainer:
     def _micro_step(self, batch: Rollout, rows, epoch: int, global_tokens: float, ptx, i: int, add) -> None:
         cfg, acc = self.cfg, self.accelerator
         step = self.iteration_index + 1
-        micro = batch.micro(rows.to(batch.mask.device))
+        micro = batch.micro(rows)
         mask = micro["mask"]
         n_tokens = float(mask.sum())
         ptx_micro = ptx.micro_batches[i] if ptx else None
         ptx_inputs = batch_to_inputs(ptx_micro, self.tokenizer.pad_token_id, acc.device) if ptx_micro else None
         with acc.autocast():
             logprobs, values, entropy, ptx_sum, ptx_tokens = self.model(
-                **_model_batch(micro), with_entropy=cfg.entropy_coef > 0, ptx=ptx_inputs
+                **_model_batch(micro), with_entropy=cfg.entropy_coef > 0, ptx=ptx_inputs, **self._frozen_inputs(micro)
             )
         pg_loss, pg_stats = policy_loss(logprobs, micro["old_logprobs"], micro["advantages"], mask, cfg.clip_range)
         vf_loss, vf_stats = value_loss(values, micro["values"], micro["returns"], mask, cfg.value_clip_range)
@@ -810,6 +917,7 @@ class PPOTrainer:
         with timer("generation"):
             batch = self.rollout(messages)  # 1. prompts -> responses, cut after the first EOS
         with timer("scoring"):
+            self.frozen_activations(batch)  # train_top_layers: the frozen blocks' output, computed once
             self.score(batch)  # 2. reward-model scores, normalised, penalised
             self.logprobs_and_values(batch)  # old / reference log-probs, values: once per rollout
             self.kl_rewards(batch, beta)  # 3. -beta * kl_t per token + score on the last token

@@ -97,7 +97,10 @@ class RewardModel(torch.nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
+        return self.score_hidden(hidden[rows, last_token_index(attention_mask).to(hidden.device)])
+
+    def score_hidden(self, last: torch.Tensor) -> torch.Tensor:
+        """Scores from the final hidden states at the last tokens, ``(B, H) -> (B,)``."""
         # The head runs in its own dtype (float32 when trained), outside bf16 autocast.
         with torch.autocast(device_type=last.device.type, enabled=False):
             return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()

@@ -353,8 +353,71 @@ def test_lora_bases_are_stored_in_bf16(tiny_model_dir, reward_dir, prompts_file,
     trainer.iteration(0)
     batch = trainer._last_batch
     assert torch.equal(batch.old_logprobs, batch.ref_logprobs)
-    with pytest.raises(ValueError, match="choose one"):
-        PPOTrainer(ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "x", lora=LORA, train_top_layers=1))
+
+
+def test_running_the_upper_blocks_from_the_lower_blocks_output_is_the_whole_forward(tiny_model_dir):
+    from rlhfkit.models import backbone_and_head, load_causal_lm, transformer_blocks
+    from rlhfkit.ppo import frozen_hidden, sequence_hidden
+
+    backbone = backbone_and_head(load_causal_lm(str(tiny_model_dir)))[0]
+    blocks = transformer_blocks(backbone)
+    batch = {"prompt_ids": torch.tensor([[0, 5, 6], [7, 8, 9]]), "prompt_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+             "response_ids": torch.tensor([[10, 11], [12, 0]]), "mask": torch.tensor([[True, True], [True, False]])}  # fmt: skip
+    with torch.no_grad():
+        whole = sequence_hidden(backbone, batch)
+        lower = frozen_hidden(backbone, batch, 1)
+        upper = sequence_hidden(backbone, batch, lower, 1)
+    valid = torch.cat([batch["prompt_mask"].bool(), batch["mask"]], 1)
+    torch.testing.assert_close(upper[valid], whole[valid])
+    assert not torch.allclose(lower[valid], whole[valid])  # the lower output is not yet the final one
+    assert transformer_blocks(backbone) is blocks and len(blocks) == 2  # the blocks are put back
+
+
+def _one_iteration(cfg: PPOConfig):
+    trainer = PPOTrainer(cfg)
+    torch.manual_seed(0)
+    metrics = trainer.iteration(0)
+    return trainer, metrics, [p.detach().clone() for p in trainer.policy_params + trainer.critic_params]
+
+
+@pytest.mark.parametrize("lora,critic_init", [(False, "reward"), (False, "policy"), (True, "reward"), (True, "policy")],
+                         ids=["full", "full-critic-from-policy", "lora", "lora-shared-base"])  # fmt: skip
+def test_cached_frozen_blocks_change_no_number(tiny_model_dir, reward_dir, prompts_file, tmp_path, lora, critic_init):
+    """train_top_layers: starting the upper block from the frozen block's output, computed once per rollout,
+    gives the same scores, log-probs, values, losses and update as running the whole networks every time."""
+    extra = {"lora": LORA} if lora else {}
+    runs = {}
+    for cache in (False, True):
+        cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / f"cache{cache}", max_steps=1, train_top_layers=1,
+                         cache_frozen_activations=cache, critic_init=critic_init, **extra)  # fmt: skip
+        runs[cache] = _one_iteration(cfg)
+    (t0, m0, w0), (t1, m1, w1) = runs[False], runs[True]
+    assert t0.ac.policy_split == 0 and t1.ac.policy_split == 1  # the tiny model has 2 blocks
+    assert t1.nets.reward_split == (1 if critic_init == "reward" else 0)
+    batch = t1._last_batch
+    assert batch.policy_frozen is not None and (batch.reward_frozen is not None) == (critic_init == "reward")
+    for key in ("policy_loss", "value_loss", "score", "kl", "approx_kl", "value_mean"):
+        assert m0[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
+    torch.testing.assert_close(t0._last_batch.values, batch.values, rtol=1e-5, atol=1e-6)
+    for a, b in zip(w0, w1, strict=True):  # Adam's first step is ~lr * sign(grad): float noise shows at 1e-6
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    if lora:  # adapters only on the top block: the block below computes what the reference computes
+        names = [n for n, p in t1.ac.named_parameters() if ".lora_" in n]
+        assert names and all(".layers.1." in n for n in names), names
+
+
+def test_frozen_cache_is_switched_off_when_it_would_change_the_numbers(tiny_model_dir, reward_dir, prompts_file, tmp_path, monkeypatch, caplog):
+    """A body that does more than run its blocks (here: a wrong frozen output) fails the first-rollout check."""
+    import rlhfkit.ppo as ppo
+
+    right = ppo.frozen_hidden
+    monkeypatch.setattr(ppo, "frozen_hidden", lambda backbone, batch, split: right(backbone, batch, split) * 1.5)
+    cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=1, train_top_layers=1)
+    trainer, metrics, _ = _one_iteration(cfg)
+    assert "switched off" in caplog.text
+    assert trainer.ac.policy_split == trainer.ac.critic_split == trainer.nets.reward_split == 0
+    _, expected, _ = _one_iteration(cfg.model_copy(update={"cache_frozen_activations": False, "output_dir": str(tmp_path / "x")}))
+    assert metrics["policy_loss"] == pytest.approx(expected["policy_loss"], rel=1e-5, abs=1e-7)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -396,7 +459,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model_dir, reward_dir, pro
 def test_nan_reward_stops_and_keeps_last_good_checkpoint(tiny_model_dir, reward_dir, prompts_file, tmp_path, monkeypatch):
     from rlhfkit.reward import RewardModel
 
-    real_forward = RewardModel.forward
+    real_head = RewardModel.score_hidden
     state = {"iteration": 0}
     real_iteration = PPOTrainer.iteration
 
@@ -404,12 +467,12 @@ def test_nan_reward_stops_and_keeps_last_good_checkpoint(tiny_model_dir, reward_
         state["iteration"] = it
         return real_iteration(self, it)
 
-    def forward(self, input_ids, attention_mask):
-        out = real_forward(self, input_ids, attention_mask)
+    def score_hidden(self, last):
+        out = real_head(self, last)
         return out * float("nan") if state["iteration"] == 1 else out
 
     monkeypatch.setattr(PPOTrainer, "iteration", iteration)
-    monkeypatch.setattr(RewardModel, "forward", forward)
+    monkeypatch.setattr(RewardModel, "score_hidden", score_hidden)
     cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=3)
     with pytest.raises(NonFiniteError, match=r"reward-model score is nan at step 2.*last good checkpoint is kept"):
         run_ppo(cfg)

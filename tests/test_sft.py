@@ -194,3 +194,14 @@ def test_train_top_layers_freezes_the_rest(tiny_model_dir, demos_file, tmp_path)
     after = _final_weights(tmp_path / "top")
     assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
     assert not torch.equal(before["model.layers.1.mlp.up_proj.weight"], after["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_lora_with_train_top_layers_puts_adapters_on_the_top_blocks_only(tiny_model_dir):
+    """All-linear LoRA on the top block: the same modules get adapters as without the limit, in that block only."""
+    from rlhfkit.config import LoraSettings
+    from rlhfkit.models import load_causal_lm
+
+    lora = LoraSettings(enabled=True, r=4, alpha=8)
+    everywhere = {n for n, p in load_causal_lm(str(tiny_model_dir), lora=lora).named_parameters() if p.requires_grad}
+    top = {n for n, p in load_causal_lm(str(tiny_model_dir), lora=lora, train_top_layers=1).named_parameters() if p.requires_grad}
+    assert top and top == {n for n in everywhere if ".layers.1." in n}
