@@ -34,7 +34,7 @@ VENV_TRL ?= .venv-trl
 bench-env:
 	test -x $(VENV_TRL)/bin/python || $(PYTHON) -m venv $(VENV_TRL)
 	$(VENV_TRL)/bin/pip install -q torch==2.13.0
-	$(VENV_TRL)/bin/pip install -q trl==1.12.0 transformers==5.23.0 gguf psutil
+	$(VENV_TRL)/bin/pip install -q trl==1.12.0 transformers==5.23.0 peft==0.21.2 gguf psutil
 	$(VENV_TRL)/bin/pip install -q --no-deps -e .
 
 bench: $(STAMP) bench-env

@@ -3,17 +3,20 @@
 
     python benchmarks/ppo_throughput.py [--trl-python .venv-trl/bin/python] [--prompts 16] [--response-length 64]
                                         [--ppo-epochs 4] [--minibatch 8] [--batch 8] [--iterations 3]
-                                        [--layouts lora,lora8,full,top8] [--trl-layouts full,lora]
+                                        [--layouts lora,lora8,full,top8] [--trl-layouts full,lora8,top8]
 
 Layouts (one row each): `lora` - rlhfkit's shared-base LoRA layout (policy adapter on the SFT base,
 reference = adapter off; critic adapter on the reward model's base, reward model = adapter off: two
 base networks, frozen in bf16); `loraN` - the same with adapters on the top N blocks only, so the
 output of the frozen blocks below is computed once per rollout and reused by every pass and epoch
 (`train_top_layers` + `cache_frozen_activations`); `full` - full fine-tuning, four networks; `topN` -
-full fine-tuning of the top N blocks only, lower blocks shared and their output cached (rlhfkit only). TRL's `full` is its PPOTrainer with policy,
-reference, value and reward models as four separate networks (the peer as the issue names it); its
-`lora` puts a LoRA adapter on the policy (reference = adapter off; the value model stays a full
-network, as TRL does). Ratios compare every rlhfkit row with TRL's first row.
+full fine-tuning of the top N blocks only, lower blocks shared and their output cached.
+TRL's `full` is its PPOTrainer with policy, reference, value and reward models as four separate
+networks (the peer as the issue names it); its `lora` puts a LoRA adapter on the policy (reference =
+adapter off; the value model stays a full network, as TRL does); its `topN` / `loraN` train only the
+top N blocks of policy and value model (LoRA: adapters on those blocks of the policy), with the lower
+blocks frozen, so autograd skips them, but run again in every pass (TRL keeps no activations).
+Ratios compare every rlhfkit row with TRL's first row, and with TRL's row of the same layout if run.
 
 Same work for both engines:
 * the same policy (`--model`, default SmolLM2-135M-Instruct, with the pad token rlhfkit adds), reference,
@@ -133,6 +136,14 @@ def run_rlhfkit(args, paths: dict, work: Path) -> dict:
             "response_length": sum(m["response_length"] for m in rows) / len(rows)}  # fmt: skip
 
 
+def layout_flags(layout: str, option: str) -> list[str]:
+    """lora | loraN | full | topN -> the engine's flags (--lora, --train-top-layers N)."""
+    kind, top = layout.rstrip("0123456789"), layout[len(layout.rstrip("0123456789")) :]
+    if not ((kind in ("lora", "full") and not top) or (kind in ("lora", "top") and top)):
+        raise SystemExit(f"{option}: unknown layout {layout!r} (lora, loraN, full or topN)")
+    return (["--lora"] if kind == "lora" else []) + (["--train-top-layers", top] if top else [])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=["rlhfkit"], help="(internal) run rlhfkit and print JSON")
@@ -149,7 +160,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--layouts", default="lora,lora8,full", help="rlhfkit rows: comma-separated lora | loraN | full | topN")
-    parser.add_argument("--trl-layouts", default="full", help="TRL rows: comma-separated full | lora")
+    parser.add_argument("--trl-layouts", default="full", help="TRL rows: comma-separated full | lora | loraN | topN (the first is the reference)")
     parser.add_argument("--lora", action="store_true", help="(internal) LoRA r=16 on policy and critic")
     parser.add_argument("--train-top-layers", type=int, default=0, help="(internal) rlhfkit: train the top N blocks only")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -171,16 +182,13 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1"}
     runs = []
     for layout in args.layouts.split(","):
-        kind, top = layout.rstrip("0123456789"), layout[len(layout.rstrip("0123456789")) :]
-        if not ((kind in ("lora", "full") and not top) or (kind in ("lora", "top") and top)):
-            raise SystemExit(f"--layouts: unknown layout {layout!r} (lora, loraN, full or topN)")
-        extra = (["--lora"] if kind == "lora" else []) + (["--train-top-layers", top] if top else [])
-        runs.append((f"rlhfkit {layout}", [sys.executable, __file__, "--engine", "rlhfkit", "--work", str(work), *common, *extra]))
+        runs.append((f"rlhfkit {layout}", [sys.executable, __file__, "--engine", "rlhfkit", "--work", str(work), *common,
+                                           *layout_flags(layout, "--layouts")]))  # fmt: skip
     if Path(args.trl_python).exists():
         for layout in args.trl_layouts.split(","):
             runs.append((f"trl {layout}", [args.trl_python, str(PEER), "--policy", paths["policy"], "--prompt-ids",
                                            paths["prompt_ids"], "--out", str(work / f"trl-run-{layout}"), *common,
-                                           *(["--lora"] if layout == "lora" else [])]))  # fmt: skip
+                                           *layout_flags(layout, "--trl-layouts")]))  # fmt: skip
     else:
         print(f"TRL rows skipped: {args.trl_python} not found (build it with `make bench-env`, or pass --trl-python)")
     rows = {}
@@ -213,8 +221,11 @@ def main() -> None:
         print(f"\nagainst {peers[0]} (speed-up: its s/iter / ours, higher is better; memory: ours / its, lower is better)")
         for name in (n for n in rows if n.startswith("rlhfkit")):
             ours = rows[name]
+            same = rows.get("trl " + name.split(" ", 1)[1])  # TRL with the same layout, where it ran
+            like = (f"   same layout: speed-up {same['seconds_per_iteration'] / ours['seconds_per_iteration']:>5.2f}x, "
+                    f"memory {ours['peak_mb'] / same['peak_mb']:>5.2f}x") if same and same is not peer else ""  # fmt: skip
             print(f"{name:<14} speed-up {peer['seconds_per_iteration'] / ours['seconds_per_iteration']:>5.2f}x   "
-                  f"memory {ours['peak_mb'] / peer['peak_mb']:>5.2f}x")  # fmt: skip
+                  f"memory {ours['peak_mb'] / peer['peak_mb']:>5.2f}x{like}")  # fmt: skip
     (work / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     print(f"results: {work / 'results.json'}")
 

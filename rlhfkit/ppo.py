@@ -378,7 +378,7 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
     if top and cfg.cache_frozen_activations:
         policy_split = len(transformer_blocks(policy)) - top
         reward_split = len(transformer_blocks(rm.lm)) - top if cfg.critic_init == "reward" else 0
-        layout += "; their output is computed once per rollout"
+        layout += "; the output of the frozen blocks below is computed once per rollout"
     critic_split = reward_split if cfg.critic_init == "reward" else policy_split
     actor_critic = ActorCritic(
         policy, critic_backbone, value_head, cfg.generation.temperature, shared=lora and cfg.critic_init == "policy",

@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--train-top-layers", type=int, default=0,
+                        help="train only the top N blocks of policy and value model (with --lora: adapters there only)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
@@ -68,6 +70,14 @@ def main() -> None:
     value = AutoModelForSequenceClassification.from_pretrained(args.policy, num_labels=1, dtype=torch.float32)
     for m in (reward, value):
         m.config.pad_token_id = tokenizer.pad_token_id
+    top = args.train_top_layers
+    if top:  # as rlhfkit's train_top_layers: the top N blocks and the final norm (and the value head) train
+        for m in (policy, value):
+            body = m.model
+            keep = {id(q) for block in body.layers[-top:] for q in block.parameters()} | {id(q) for q in body.norm.parameters()}
+            keep |= {id(q) for q in getattr(m, "score", torch.nn.Identity()).parameters()}
+            for q in m.parameters():
+                q.requires_grad_(id(q) in keep)
 
     stamps: list[float] = []
 
@@ -96,7 +106,12 @@ def main() -> None:
     if args.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        n = policy.config.num_hidden_layers
+        linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all-linear of a Llama block
+        peft_config = (
+            LoraConfig(r=16, lora_alpha=32, target_modules=linear, layers_to_transform=list(range(n - top, n)), task_type="CAUSAL_LM")
+            if top else LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        )  # fmt: skip
     trainer = PPOTrainer(
         args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
         train_dataset=train, value_model=value, eval_dataset=evaluation, callbacks=[Timer()], peft_config=peft_config,
