@@ -191,7 +191,7 @@ def apply_lora(
 
     With `top_layers` > 0 only the top N transformer blocks get adapters: the blocks below then
     compute what the base computes, so their output can be shared and cached (PPO does)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     return get_peft_model(model, lora_config(lora, task_type, model, top_layers), adapter_name=adapter_name)
 
@@ -206,6 +206,11 @@ def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM", model=None, to
         if top_layers > len(blocks):
             raise ValueError(f"train_top_layers={top_layers} but the model has {len(blocks)} blocks")
         layers = list(range(len(blocks) - top_layers, len(blocks)))
+        if isinstance(targets, str) and targets != "all-linear":
+            raise ValueError(
+                f"lora.target_modules: the pattern {targets!r} cannot be combined with train_top_layers={top_layers}; "
+                "give a list of module names (e.g. [q_proj, v_proj]) or 'all-linear'"
+            )
         if targets == "all-linear":  # peft takes layers_to_transform only with a list of module names
             targets = sorted(
                 {name.removesuffix(".base_layer").rsplit(".", 1)[-1]
@@ -283,7 +288,7 @@ def only_blocks(backbone: torch.nn.Module, start: int, stop: int | None = None):
     """Within the context `backbone` runs only its transformer blocks ``[start:stop]``, and its final
     norm only if the range reaches the top. Call it with ``inputs_embeds`` = the hidden state entering
     block `start` (for start > 0). This is how the output of frozen lower blocks is computed once and
-    reused; `split_forward_matches` checks that an architecture supports it."""
+    reused; PPO checks on its first rollout that the model supports it (`PPOTrainer._check_split`)."""
     blocks = transformer_blocks(backbone)
     blocks_name = _child_name(backbone, blocks)
     norm_name = _child_name(backbone, getattr(backbone, "norm", None) or getattr(backbone, "ln_f", None))

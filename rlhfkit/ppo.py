@@ -630,19 +630,19 @@ class PPOTrainer:
         ac, nets = self.ac, self.nets
         if not (ac.policy_split or nets.reward_split):
             return
-        B, T = batch.response_ids.shape
+        (B, P), T = batch.prompt_ids.shape, batch.response_ids.shape[1]
         bases = [("policy_frozen", backbone_and_head(ac.policy)[0], ac.policy_split),
                  ("reward_frozen", backbone_and_head(nets.reward_model.lm)[0], nets.reward_split)]  # fmt: skip
         with self.accelerator.autocast():
             for rows in self._micro_batches(batch, torch.arange(B)):
-                micro = batch.micro(rows)
-                columns = slice(batch.prompt_ids.shape[1] - micro["prompt_ids"].shape[1], batch.prompt_ids.shape[1] + micro["mask"].shape[1])
+                micro = batch.micro(rows)  # trimmed: its columns are [P - P', P + T') of the rollout's
+                columns = slice(P - micro["prompt_ids"].shape[1], P + micro["mask"].shape[1])
                 for name, backbone, split in bases:
                     if not split:
                         continue
                     hidden = frozen_hidden(backbone, _model_batch(micro), split)
                     if getattr(batch, name) is None:
-                        setattr(batch, name, hidden.new_zeros(B, batch.prompt_ids.shape[1] + T, hidden.shape[-1]))
+                        setattr(batch, name, hidden.new_zeros(B, P + T, hidden.shape[-1]))
                     getattr(batch, name)[rows, columns] = hidden
         if not self._split_checked:
             self._check_split(batch)

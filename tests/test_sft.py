@@ -205,3 +205,5 @@ def test_lora_with_train_top_layers_puts_adapters_on_the_top_blocks_only(tiny_mo
     everywhere = {n for n, p in load_causal_lm(str(tiny_model_dir), lora=lora).named_parameters() if p.requires_grad}
     top = {n for n, p in load_causal_lm(str(tiny_model_dir), lora=lora, train_top_layers=1).named_parameters() if p.requires_grad}
     assert top and top == {n for n in everywhere if ".layers.1." in n}
+    with pytest.raises(ValueError, match=r"lora.target_modules: the pattern '\.\*proj' cannot be combined"):
+        load_causal_lm(str(tiny_model_dir), lora=lora.model_copy(update={"target_modules": ".*proj"}), train_top_layers=1)
