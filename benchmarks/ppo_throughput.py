@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -164,6 +165,8 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="(internal) LoRA r=16 on policy and critic")
     parser.add_argument("--train-top-layers", type=int, default=0, help="(internal) rlhfkit: train the top N blocks only")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (models, run folders; several GB) for inspection")
+    parser.add_argument("--results", help="also write the rows as JSON to this file")
     args = parser.parse_args()
 
     if args.engine:
@@ -173,61 +176,68 @@ def main() -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
-    paths = prepare(args, work)
-    (work / "paths.json").write_text(json.dumps(paths))
-    common = ["--prompts", str(args.prompts), "--prompt-length", str(args.prompt_length), "--response-length",
-              str(args.response_length), "--ppo-epochs", str(args.ppo_epochs), "--minibatch", str(args.minibatch),
-              "--batch", str(args.batch), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-              "--precision", args.precision, "--threads", str(args.threads)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1"}
-    runs = []
-    for layout in args.layouts.split(","):
-        runs.append((f"rlhfkit {layout}", [sys.executable, __file__, "--engine", "rlhfkit", "--work", str(work), *common,
-                                           *layout_flags(layout, "--layouts")]))  # fmt: skip
-    if Path(args.trl_python).exists():
-        for layout in args.trl_layouts.split(","):
-            runs.append((f"trl {layout}", [args.trl_python, str(PEER), "--policy", paths["policy"], "--prompt-ids",
-                                           paths["prompt_ids"], "--out", str(work / f"trl-run-{layout}"), *common,
-                                           *layout_flags(layout, "--trl-layouts")]))  # fmt: skip
-    else:
-        print(f"TRL rows skipped: {args.trl_python} not found (build it with `make bench-env`, or pass --trl-python)")
-    rows = {}
-    for name, command in runs:
-        print(f"running {name} ...", flush=True)
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            continue
-        rows[name] = json.loads(line[0][len("RESULT ") :])
+    try:
+        paths = prepare(args, work)
+        (work / "paths.json").write_text(json.dumps(paths))
+        common = ["--prompts", str(args.prompts), "--prompt-length", str(args.prompt_length), "--response-length",
+                  str(args.response_length), "--ppo-epochs", str(args.ppo_epochs), "--minibatch", str(args.minibatch),
+                  "--batch", str(args.batch), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
+                  "--precision", args.precision, "--threads", str(args.threads)]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1"}
+        runs = []
+        for layout in args.layouts.split(","):
+            runs.append((f"rlhfkit {layout}", [sys.executable, __file__, "--engine", "rlhfkit", "--work", str(work), *common,
+                                               *layout_flags(layout, "--layouts")]))  # fmt: skip
+        if Path(args.trl_python).exists():
+            for layout in args.trl_layouts.split(","):
+                runs.append((f"trl {layout}", [args.trl_python, str(PEER), "--policy", paths["policy"], "--prompt-ids",
+                                               paths["prompt_ids"], "--out", str(work / f"trl-run-{layout}"), *common,
+                                               *layout_flags(layout, "--trl-layouts")]))  # fmt: skip
+        else:
+            print(f"TRL rows skipped: {args.trl_python} not found (build it with `make bench-env`, or pass --trl-python)")
+        rows = {}
+        for name, command in runs:
+            print(f"running {name} ...", flush=True)
+            proc = subprocess.run(command, capture_output=True, text=True, env=env)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+                continue
+            rows[name] = json.loads(line[0][len("RESULT ") :])
 
-    import torch
+        import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {args.threads} threads)"
-    print(
-        f"\nPPO iteration - model {args.model}, {args.prompts} prompts x "
-        f"({args.prompt_length} prompt + {args.response_length} response tokens), {args.ppo_epochs} epochs of "
-        f"{args.minibatch}-response minibatches, micro-batch {args.batch}, {args.precision}, {device}; "
-        f"{args.iterations} timed iterations after {args.warmup} warm-up"
-    )
-    print(f"{'engine':<14} {'s/iter':>8} {'generate':>9} {'score':>8} {'train':>8} {'peak MB':>9}")
-    for name, r in rows.items():
-        ph = r.get("phases") or {}
-        cell = lambda p: f"{ph[p]:>8.2f}" if p in ph else f"{'n/a':>8}"  # noqa: E731
-        print(f"{name:<14} {r['seconds_per_iteration']:>8.2f} {cell('generation'):>9} {cell('scoring')} {cell('training')} {r['peak_mb']:>9.0f}")
-    peers = [n for n in rows if n.startswith("trl")]
-    if peers:
-        peer = rows[peers[0]]
-        print(f"\nagainst {peers[0]} (speed-up: its s/iter / ours, higher is better; memory: ours / its, lower is better)")
-        for name in (n for n in rows if n.startswith("rlhfkit")):
-            ours = rows[name]
-            same = rows.get("trl " + name.split(" ", 1)[1])  # TRL with the same layout, where it ran
-            like = (f"   same layout: speed-up {same['seconds_per_iteration'] / ours['seconds_per_iteration']:>5.2f}x, "
-                    f"memory {ours['peak_mb'] / same['peak_mb']:>5.2f}x") if same and same is not peer else ""  # fmt: skip
-            print(f"{name:<14} speed-up {peer['seconds_per_iteration'] / ours['seconds_per_iteration']:>5.2f}x   "
-                  f"memory {ours['peak_mb'] / peer['peak_mb']:>5.2f}x{like}")  # fmt: skip
-    (work / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    print(f"results: {work / 'results.json'}")
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {args.threads} threads)"
+        print(
+            f"\nPPO iteration - model {args.model}, {args.prompts} prompts x "
+            f"({args.prompt_length} prompt + {args.response_length} response tokens), {args.ppo_epochs} epochs of "
+            f"{args.minibatch}-response minibatches, micro-batch {args.batch}, {args.precision}, {device}; "
+            f"{args.iterations} timed iterations after {args.warmup} warm-up"
+        )
+        print(f"{'engine':<14} {'s/iter':>8} {'generate':>9} {'score':>8} {'train':>8} {'peak MB':>9}")
+        for name, r in rows.items():
+            ph = r.get("phases") or {}
+            cell = lambda p: f"{ph[p]:>8.2f}" if p in ph else f"{'n/a':>8}"  # noqa: E731
+            print(f"{name:<14} {r['seconds_per_iteration']:>8.2f} {cell('generation'):>9} {cell('scoring')} {cell('training')} {r['peak_mb']:>9.0f}")
+        peers = [n for n in rows if n.startswith("trl")]
+        if peers:
+            peer = rows[peers[0]]
+            print(f"\nagainst {peers[0]} (speed-up: its s/iter / ours, higher is better; memory: ours / its, lower is better)")
+            for name in (n for n in rows if n.startswith("rlhfkit")):
+                ours = rows[name]
+                same = rows.get("trl " + name.split(" ", 1)[1])  # TRL with the same layout, where it ran
+                like = (f"   same layout: speed-up {same['seconds_per_iteration'] / ours['seconds_per_iteration']:>5.2f}x, "
+                        f"memory {ours['peak_mb'] / same['peak_mb']:>5.2f}x") if same and same is not peer else ""  # fmt: skip
+                print(f"{name:<14} speed-up {peer['seconds_per_iteration'] / ours['seconds_per_iteration']:>5.2f}x   "
+                      f"memory {ours['peak_mb'] / peer['peak_mb']:>5.2f}x{like}")  # fmt: skip
+        if args.results:
+            Path(args.results).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+            print(f"results: {args.results}")
+    finally:
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +46,6 @@ def fixed_length_examples(tokenizer, n: int, length: int) -> list[tuple[list[int
 
 def run_rlhfkit(args) -> dict:
     """The real `run_sft` loop; step times from its metrics.jsonl timestamps."""
-    import tempfile
-
     import torch
 
     from rlhfkit import sft as sft_module
@@ -58,7 +58,8 @@ def run_rlhfkit(args) -> dict:
     tokenizer = load_tokenizer(args.model)
     examples = fixed_length_examples(tokenizer, args.batch * (args.steps + args.warmup), args.length)
     fixed = [Example(ids, [IGNORE_INDEX] * p + ids[p:], p, False) for ids, p in examples]
-    out = Path(tempfile.mkdtemp()) / "run"
+    workdir = tempfile.TemporaryDirectory(prefix="sft-bench-")  # removed when this process ends
+    out = Path(workdir.name) / "run"
     cfg = SFTConfig(
         model=args.model, output_dir=str(out), batch_size=args.batch, grad_accum=1, max_steps=args.steps + args.warmup,
         precision=args.precision, max_length=args.length, eval_every=0, checkpoint_every=0, log_every=1,
@@ -96,7 +97,7 @@ def run_trl(args) -> dict:
             peaks.append(peak_memory_mb())
 
     config = SFTConfig(
-        output_dir=os.environ.get("TMPDIR", "/tmp") + "/trl-sft-bench", per_device_train_batch_size=args.batch,
+        output_dir=tempfile.mkdtemp(prefix="trl-sft-bench-"), per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, max_steps=args.steps + args.warmup, learning_rate=1e-5, lr_scheduler_type="constant",
         bf16=args.precision == "bf16", max_length=args.length, completion_only_loss=True, packing=False, report_to=[],
         save_strategy="no", logging_steps=1000, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0,
@@ -104,6 +105,7 @@ def run_trl(args) -> dict:
     )  # fmt: skip
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
+    shutil.rmtree(config.output_dir, ignore_errors=True)
     seconds = stamps[-1] - stamps[args.warmup - 1]
     return {"tokens_per_s": args.batch * args.length * args.steps / seconds, "seconds_per_step": seconds / args.steps, "peak_mb": peaks[-1]}
 
