@@ -150,6 +150,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, attr, 0.0)
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass: less memory for about a third more compute."""
+    # transformers 5.2x renamed gradient_checkpointing_enable (the old name warns); older 5.x has only the old one.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def transformer_blocks(model) -> torch.nn.ModuleList:
     """The list of transformer blocks of a causal LM (the largest ModuleList in its body)."""
     backbone, _ = backbone_and_head(model)

@@ -70,6 +70,7 @@ from .models import (
     apply_lora,
     backbone_and_head,
     disable_dropout,
+    enable_activation_checkpointing,
     load_causal_lm,
     load_tokenizer,
     lora_config,
@@ -397,7 +398,7 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
     actor_critic.freeze_trainable_set()
     if cfg.gradient_checkpointing:
         for model in {id(m): m for m in (policy, critic_backbone) if m is not None}.values():
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
     if cfg.precision == "bf16":
         # Frozen weights are only read, and autocast reads matrices in bf16 anyway: storing them in bf16
         # halves the LoRA bases, the blocks shared below train_top_layers and the reward model. Trained

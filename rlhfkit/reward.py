@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from .config import RewardConfig
 from .data import Comparison, Demonstration, load_comparisons, load_demonstrations, split_by_prompt
 from .generate import model_path_of
-from .models import backbone_and_head, load_causal_lm, load_tokenizer, resolve_model, save_model
+from .models import backbone_and_head, enable_activation_checkpointing, load_causal_lm, load_tokenizer, resolve_model, save_model
 from .tokens import encode_prompt, encode_response, pad, truncate
 from .training import (
     DataPlan,
@@ -577,7 +577,7 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
     )
     rm = build_reward_model(base, tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
     if cfg.gradient_checkpointing:
-        rm.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(rm.lm)
     trainable = sum(p.numel() for p in rm.parameters() if p.requires_grad)
     log.info("reward model: %s, %.1fM of %.1fM parameters trained", base, trainable / 1e6, sum(p.numel() for p in rm.parameters()) / 1e6)
     optimizer = make_optimizer(rm, cfg)

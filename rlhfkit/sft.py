@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import SFTConfig
 from .data import load_demonstrations, split_by_prompt
-from .models import backbone_and_head, load_causal_lm, load_tokenizer, save_model
+from .models import backbone_and_head, enable_activation_checkpointing, load_causal_lm, load_tokenizer, save_model
 from .tokens import IGNORE_INDEX, Example, collate, encode_example, pack
 from .training import (
     DataPlan,
@@ -138,7 +138,7 @@ def train_sft(cfg: SFTConfig, tokenizer, train_examples: list[Example], eval_exa
     )
     model = load_causal_lm(cfg.model, tokenizer, dropout=cfg.dropout, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     wrapped = ResponseLoss(model)
     optimizer = make_optimizer(wrapped, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps_for(plan, cfg))
