@@ -19,15 +19,20 @@ API (positions are the annotator's display positions 0..K-1, as the page shows t
     GET  /api/admin/export                 admin: the export JSONL
     GET  /api/admin/stats                  admin: counts, seconds per task, agreement
 
-Errors are ``{"detail": "<what is wrong>", "code": "<machine code>"}`` with a 4xx status:
-401 no/unknown token, 403 not an admin, 404 unknown task / no such label, 409 not
-leased to you / already submitted / skipped / lease expired, 422 malformed body or a
-ranking that is not a permutation of the task's responses. A refused request changes nothing.
+Errors are ``{"detail": "<what is wrong>", "code": "<machine code>"}``, always with the
+security headers: 401 no/unknown/revoked token, 403 not an admin, 404 unknown task / no such
+label, 409 not leased to you / already submitted / skipped / lease expired, 413 a body over
+``max_body_bytes`` (refused before it is read in full, authenticated or not), 422 malformed
+body or a ranking that is not a permutation of the task's responses, 503 the database is
+locked past the busy timeout, read-only or corrupted. A refused request changes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -36,10 +41,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, StrictInt
 
-from .db import Annotator, LabelDB, LabellingError
-from .tasks import load_tasks
+from .db import Annotator, DatabaseProblem, LabelDB, LabellingError
+from .store import DEFAULT_BUSY_TIMEOUT, describe_sqlite_error
+from .tasks import Task, load_tasks
 
 STATIC_DIR = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 256 * 1024
+"""A label is a few hundred bytes; anything near this is a mistake or an attack."""
+
+log = logging.getLogger("rlhfkit.labelling")
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -76,6 +86,52 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class BodyLimit:
+    """ASGI middleware: answer 413 to a request body over ``max_bytes`` before the app (or auth) sees it.
+
+    A declared ``Content-Length`` over the cap is refused without reading a byte; a chunked
+    body is counted as it streams in and refused as soon as it passes the cap, so memory
+    never holds more than ``max_bytes`` of it. The server discards the rest of the upload.
+    """
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def too_large(self, scope, receive, send):
+        body = {"detail": f"request body too large: the limit is {self.max_bytes} bytes", "code": "body_too_large"}
+        await JSONResponse(body, status_code=413)(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self.too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 class Unauthorized(LabellingError):
     status = 401
     code = "unauthorized"
@@ -108,36 +164,64 @@ def create_app(
     *,
     annotations_per_task: int = 1,
     lease_seconds: float = 600,
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    tasks: list[Task] | None = None,
     db: LabelDB | None = None,
 ) -> FastAPI:
     """Build the app on the SQLite file ``db_path`` (created if missing).
 
-    ``tasks_path``: a task JSONL file imported now (idempotent by task id).
+    ``tasks_path``: a task JSONL file imported now (idempotent by task id); or ``tasks``, already read.
     ``annotations_per_task``: how many different annotators label each task.
     ``lease_seconds``: how long a handed-out task stays reserved for its annotator.
+    ``busy_timeout``: seconds a request waits for a database locked by another process, then 503.
+    ``max_body_bytes``: larger request bodies get 413 before they are read.
     ``app.state.db`` is the :class:`LabelDB`, ``app.state.admin_token`` the admin token
     if this call created the database (else ``None``), ``app.state.imported`` the import counts.
+    On shutdown the app checkpoints the WAL and closes the database.
+    Raises ``ValueError`` (bad options or task file, before any file is touched) or
+    :class:`~.store.DatabaseProblem`.
     """
     if annotations_per_task < 1:
         raise ValueError("annotations_per_task must be at least 1")
     if lease_seconds <= 0:
         raise ValueError("lease_seconds must be positive")
-    tasks = load_tasks(tasks_path) if tasks_path is not None else None  # a bad file fails before any DB is made
-    db = db or LabelDB(db_path)
-    imported = db.import_tasks(tasks) if tasks is not None else None
-    db.set_meta("annotations_per_task", str(annotations_per_task))
+    if busy_timeout < 0 or max_body_bytes < 1:
+        raise ValueError("busy_timeout must be >= 0 and max_body_bytes >= 1")
+    if tasks is None and tasks_path is not None:
+        tasks = load_tasks(tasks_path)  # a bad file fails before any DB is made
+    db = db or LabelDB(db_path, busy_timeout=busy_timeout)
+    try:
+        imported = db.import_tasks(tasks) if tasks is not None else None
+        db.set_meta("annotations_per_task", str(annotations_per_task))
+    except sqlite3.Error as e:
+        db.close(checkpoint=False)
+        raise DatabaseProblem(db.path, e) from None
     n = annotations_per_task
 
-    app = FastAPI(title="rlhfkit labelling", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        db.close()  # checkpoints the WAL: a plain copy of the file is then a full copy
+
+    app = FastAPI(title="rlhfkit labelling", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json", lifespan=lifespan)
     app.state.db = db
     app.state.admin_token = db.new_admin_token
     app.state.imported = imported
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(SecurityHeaders)  # added last, so outermost: its headers go on the 413 too
 
     @app.exception_handler(LabellingError)
     async def _labelling_error(request: Request, exc: LabellingError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"detail": exc.message, "code": exc.code}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(sqlite3.Error)
+    async def _database_error(request: Request, exc: sqlite3.Error):
+        reason = describe_sqlite_error(exc)
+        log.warning("labelling database %s: %s", db.path, reason)
+        code = "database_busy" if "locked" in reason else "database_unavailable"
+        return JSONResponse({"detail": reason, "code": code}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -152,7 +236,7 @@ def create_app(
             raise Unauthorized("missing token: send 'Authorization: Bearer <token>' (open your login link)")
         who = db.annotator_by_token(token.strip())
         if who is None:
-            raise Unauthorized("unknown token: ask for a new login link")
+            raise Unauthorized("unknown or revoked token: ask for a new login link")
         return who
 
     def admin(who: Annotator = Depends(annotator)) -> Annotator:

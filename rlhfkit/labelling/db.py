@@ -1,24 +1,14 @@
-"""The labelling store: one SQLite file in WAL mode with ``synchronous=FULL``.
+"""The labelling store's queries: annotators (add, revoke, rotate), task import, the annotator's loop.
 
-Every write runs in its own ``BEGIN IMMEDIATE`` transaction and is committed before
-the method returns, so a label the server acknowledged survives a kill at any moment,
-and a restarted server on the same file carries on where the old one stopped.
-
-Tables
-------
-``annotators``   name, SHA-256 of the login token (the token itself is never stored), admin flag.
-``tasks``        the imported tasks; ``seq`` is the import order and the hand-out order.
-``assignments``  one row per (task, annotator) that was ever handed out: ``status`` is
-                 ``leased`` (handed out, ``expires_at`` bounds the lease), ``submitted``
-                 (a label: ``ranking``/``flags`` in ORIGINAL response indices) or
-                 ``skipped``. The primary key makes "one label per annotator and task"
-                 a database invariant.
+Connections, schema, transactions and errors live in ``store.py``; export, stats and
+backup in ``reports.py``. ``LabelDB`` is what the app and the CLI use.
 
 Hand-out rule: an annotator gets (1) their own unexpired lease if they hold one (so a
 reload shows the same task), else (2) the first task, in import order, that they have
 neither submitted nor skipped and whose submitted labels plus other annotators'
 unexpired leases are fewer than ``annotations_per_task``. An expired lease simply stops
-counting, which returns the task to the pool.
+counting, which returns the task to the pool. A task whose id could not travel in a URL
+(only a database filled by an older rlhfkit can hold one) is never handed out.
 """
 
 from __future__ import annotations
@@ -27,17 +17,13 @@ import hashlib
 import json
 import secrets
 import sqlite3
-import statistics
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import reports
 from .rankings import (
     RankingError,
-    agreement,
     display_order,
     flags_to_display,
     flags_to_original,
@@ -46,52 +32,22 @@ from .rankings import (
     validate_flags,
     validate_ranking,
 )
+from .store import (  # noqa: F401  (re-exported: the app and the tests import them from here)
+    Conflict,
+    DatabaseProblem,
+    Invalid,
+    LabellingError,
+    NotFound,
+    Store,
+    admin_token_path,
+    write_private,
+)
 from .tasks import Task
-
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS annotators (
-    id         INTEGER PRIMARY KEY,
-    name       TEXT NOT NULL UNIQUE,
-    token_hash TEXT NOT NULL UNIQUE,
-    is_admin   INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tasks (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    id         TEXT NOT NULL UNIQUE,
-    messages   TEXT NOT NULL,   -- JSON list of {role, content}
-    responses  TEXT NOT NULL,   -- JSON list of response texts, original order
-    models     TEXT NOT NULL,   -- JSON list of model names (or null), original order
-    sampling   TEXT NOT NULL,   -- JSON list of sampling settings (or null), original order
-    k          INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS assignments (
-    task_seq      INTEGER NOT NULL REFERENCES tasks(seq),
-    annotator_id  INTEGER NOT NULL REFERENCES annotators(id),
-    status        TEXT NOT NULL CHECK (status IN ('leased', 'submitted', 'skipped')),
-    display_order TEXT NOT NULL,  -- JSON: display position -> original index
-    leased_at     REAL NOT NULL,
-    expires_at    REAL NOT NULL,
-    submitted_at  REAL,
-    updated_at    REAL,
-    ranking       TEXT,           -- JSON tie groups of ORIGINAL indices, best first
-    flags         TEXT,           -- JSON {original index: [flag, ...]}
-    PRIMARY KEY (task_seq, annotator_id)
-);
-CREATE INDEX IF NOT EXISTS assignments_by_annotator ON assignments (annotator_id, status);
-CREATE INDEX IF NOT EXISTS assignments_by_status ON assignments (task_seq, status, expires_at);
-"""
 
 # Tasks that ``:me`` may be handed now (see the module docstring).
 _AVAILABLE = """
-    NOT EXISTS (SELECT 1 FROM assignments m
+    safe_task_id(t.id)
+    AND NOT EXISTS (SELECT 1 FROM assignments m
                 WHERE m.task_seq = t.seq AND m.annotator_id = :me AND m.status IN ('submitted', 'skipped'))
     AND (SELECT COUNT(*) FROM assignments o
          WHERE o.task_seq = t.seq
@@ -99,33 +55,8 @@ _AVAILABLE = """
                 OR (o.status = 'leased' AND o.expires_at > :now AND o.annotator_id != :me))) < :n
 """
 
-
-class LabellingError(Exception):
-    """A request that cannot be honoured; ``status`` is the HTTP status the API answers with."""
-
-    status = 400
-    code = "bad_request"
-
-    def __init__(self, message: str, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        if code:
-            self.code = code
-
-
-class NotFound(LabellingError):
-    status = 404
-    code = "not_found"
-
-
-class Conflict(LabellingError):
-    status = 409
-    code = "conflict"
-
-
-class Invalid(LabellingError):
-    status = 422
-    code = "invalid"
+REVOKED = "revoked:"
+"""Prefix of a revoked account's ``token_hash``: no SHA-256 hex digest starts with it."""
 
 
 @dataclass(frozen=True)
@@ -152,100 +83,13 @@ def _validate_name(name: str) -> str:
     return name
 
 
-class LabelDB:
+class LabelDB(Store):
     """The labelling database. Safe to share between threads (one connection per thread).
 
-    ``create=False`` refuses to create a missing file (for ``export``/``stats``).
-    ``clock`` returns the time in seconds (tests pass a fake one).
-    After opening, ``new_admin_token`` holds the admin token if this open created the
-    admin account (a new database), else ``None``; it is not stored anywhere.
+    Options as for :class:`~.store.Store`. After opening, ``new_admin_token`` holds the
+    admin token if this open created the admin account (a new database), else ``None``;
+    it is kept only in ``<db>.admin-token`` (0600).
     """
-
-    def __init__(self, path: str | Path, *, create: bool = True, clock: Callable[[], float] = time.time):
-        self.path = Path(path)
-        if not create and not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no labelling database here")
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.clock = clock
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self.new_admin_token = self._init()
-
-    # -- connections and transactions ---------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout = 30000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
-        return conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, committed (and fsynced: WAL + synchronous=FULL) on exit."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A consistent snapshot for several SELECTs."""
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
-
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._all:
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    pass
-            self._all.clear()
-        self._local = threading.local()
-
-    def _init(self) -> str | None:
-        conn = self._conn()
-        conn.executescript(SCHEMA)
-        with self._write() as c:
-            row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) != SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path}: schema version {row['value']}, this rlhfkit reads {SCHEMA_VERSION}")
-            if c.execute("SELECT 1 FROM annotators WHERE is_admin = 1").fetchone():
-                return None
-            name = "admin"
-            n = 1
-            while c.execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone():
-                n += 1
-                name = f"admin-{n}"
-            return self._insert_annotator(c, name, admin=True)
-
-    # -- meta -----------------------------------------------------------------------------
-    def set_meta(self, key: str, value: str) -> None:
-        with self._write() as c:
-            c.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
-
-    def get_meta(self, key: str, default: str | None = None) -> str | None:
-        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row["value"] if row else default
 
     # -- annotators -----------------------------------------------------------------------
     def _insert_annotator(self, c: sqlite3.Connection, name: str, admin: bool) -> str:
@@ -263,6 +107,52 @@ class LabelDB:
             if c.execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone():
                 raise Conflict(f"an annotator named {name!r} already exists", "name_taken")
             return self._insert_annotator(c, name, admin)
+
+    @staticmethod
+    def _account(c: sqlite3.Connection, name: str) -> sqlite3.Row:
+        row = c.execute("SELECT id, name, is_admin, token_hash FROM annotators WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no annotator named {name!r}", "unknown_annotator")
+        return row
+
+    def _stored_admin_token(self) -> str | None:
+        try:
+            return admin_token_path(self.path).read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+
+    def revoke(self, name: str) -> int:
+        """Make the account's token worthless at once (its labels stay); release its leases. Returns how many."""
+        with self._write() as c:
+            row = self._account(c, name)
+            c.execute("UPDATE annotators SET token_hash = ? WHERE id = ?", (REVOKED + secrets.token_hex(16), row["id"]))
+            released = c.execute("DELETE FROM assignments WHERE annotator_id = ? AND status = 'leased'", (row["id"],)).rowcount
+        stored = self._stored_admin_token()
+        if stored and hash_token(stored) == row["token_hash"]:
+            admin_token_path(self.path).unlink(missing_ok=True)  # it no longer opens anything
+        return released
+
+    def rotate(self, name: str) -> str:
+        """Give the account a new token (the old one stops working at once; a revoked account comes back)."""
+        token = secrets.token_urlsafe(24)
+        with self._write() as c:
+            row = self._account(c, name)
+            c.execute("UPDATE annotators SET token_hash = ? WHERE id = ?", (hash_token(token), row["id"]))
+        stored = self._stored_admin_token()
+        if stored and hash_token(stored) == row["token_hash"]:
+            write_private(admin_token_path(self.path), token + "\n")  # keep `label admin-token` working
+        return token
+
+    def admin_token(self) -> tuple[str, str]:
+        """``(token, account name)`` from ``<db>.admin-token``; ``NotFound`` if missing or no longer valid."""
+        path = admin_token_path(self.path)
+        token = self._stored_admin_token()
+        if token is None:
+            raise NotFound(f"{path}: no admin token file; `rlhfkit label rotate admin --db {self.path}` makes a new token")
+        who = self.annotator_by_token(token)
+        if who is None or not who.is_admin:
+            raise NotFound(f"{path}: this token no longer opens an admin account (revoked or rotated)")
+        return token, who.name
 
     def annotator_by_token(self, token: str) -> Annotator | None:
         if not token:
@@ -299,6 +189,10 @@ class LabelDB:
                 else:
                     changed.append(t.id)
         return {"added": added, "unchanged": unchanged, "changed": changed}
+
+    def unservable_task_ids(self) -> list[str]:
+        """Ids a URL cannot carry (imported by an older rlhfkit): these tasks are never handed out."""
+        return [r[0] for r in self._conn().execute("SELECT id FROM tasks WHERE NOT safe_task_id(id) ORDER BY seq")]
 
     def count_tasks(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
@@ -338,7 +232,7 @@ class LabelDB:
         with self._write() as c:
             held = c.execute(
                 """SELECT t.*, a.display_order, a.leased_at, a.expires_at FROM assignments a JOIN tasks t ON t.seq = a.task_seq
-                   WHERE a.annotator_id = ? AND a.status = 'leased' AND a.expires_at > ?
+                   WHERE a.annotator_id = ? AND a.status = 'leased' AND a.expires_at > ? AND safe_task_id(t.id)
                    ORDER BY a.leased_at, t.seq LIMIT 1""",
                 (annotator.id, now),
             ).fetchone()
@@ -499,101 +393,23 @@ class LabelDB:
             },
         }
 
-    # -- admin: export and stats -----------------------------------------------------------
+    # -- admin: export, stats, backup (in reports.py) ------------------------------------------
     def export_records(self) -> list[dict]:
-        """Every submitted label as a K-wise ranking record in ORIGINAL response indices.
-
-        One record per (task, annotator), ordered by task import order then annotator
-        name; skipped and leased tasks are not exported.
-        """
+        """Every submitted label as a K-wise ranking record (see :func:`.reports.export_records`)."""
         with self._read() as c:
-            rows = c.execute(
-                """SELECT t.id AS task_id, t.messages, t.responses, t.models, n.name, a.ranking, a.flags
-                   FROM assignments a JOIN tasks t ON t.seq = a.task_seq JOIN annotators n ON n.id = a.annotator_id
-                   WHERE a.status = 'submitted' ORDER BY t.seq, n.name"""
-            ).fetchall()
-        out = []
-        for r in rows:
-            messages = json.loads(r["messages"])
-            out.append(
-                {
-                    # `messages` only: the comparison readers take `prompt` or `messages`, not both.
-                    "messages": messages,
-                    "responses": json.loads(r["responses"]),
-                    "ranking": json.loads(r["ranking"]),
-                    "flags": json.loads(r["flags"] or "{}"),
-                    "annotator": r["name"],
-                    "task_id": r["task_id"],
-                    "models": json.loads(r["models"]),
-                }
-            )
-        return out
+            return reports.export_records(c)
 
     def write_export(self, out: str | Path) -> int:
-        """Write :meth:`export_records` as JSONL (atomically: temp file + rename). Returns the line count."""
-        out = Path(out)
-        records = self.export_records()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        tmp.replace(out)
-        return len(records)
+        """Write the export JSONL to ``out`` (never onto a database); returns the line count."""
+        return reports.write_export(self.export_records(), out, db_path=self.path)
 
     def stats(self, *, annotations_per_task: int | None = None) -> dict:
         """Counts per annotator, seconds per task (lease to submit), and pairwise agreement."""
         if annotations_per_task is None:
             annotations_per_task = int(self.get_meta("annotations_per_task", "1"))
-        now = self.clock()
         with self._read() as c:
-            annotators = c.execute("SELECT id, name, is_admin FROM annotators ORDER BY name").fetchall()
-            rows = c.execute(
-                """SELECT a.annotator_id, a.status, a.leased_at, a.expires_at, a.submitted_at, a.ranking, t.id AS task_id
-                   FROM assignments a JOIN tasks t ON t.seq = a.task_seq"""
-            ).fetchall()
-            tasks = c.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
-        names = {a["id"]: a["name"] for a in annotators}
-        per: dict[int, dict] = {
-            a["id"]: {"labelled": 0, "skipped": 0, "leased": 0, "seconds": []} for a in annotators
-        }
-        submitted_per_task: dict[str, int] = {}
-        labels = []
-        for r in rows:
-            p = per[r["annotator_id"]]
-            if r["status"] == "submitted":
-                p["labelled"] += 1
-                p["seconds"].append(max(0.0, r["submitted_at"] - r["leased_at"]))
-                submitted_per_task[r["task_id"]] = submitted_per_task.get(r["task_id"], 0) + 1
-                labels.append((r["task_id"], names[r["annotator_id"]], json.loads(r["ranking"])))
-            elif r["status"] == "skipped":
-                p["skipped"] += 1
-            elif r["expires_at"] > now:
-                p["leased"] += 1
-        annot_rows = []
-        for a in annotators:
-            p = per[a["id"]]
-            secs = p.pop("seconds")
-            if not (p["labelled"] or p["skipped"] or p["leased"]) and a["is_admin"]:
-                continue  # an admin account that never labelled is not an annotator
-            annot_rows.append(
-                {
-                    "annotator": a["name"],
-                    **p,
-                    "median_seconds": statistics.median(secs) if secs else None,
-                    "mean_seconds": statistics.fmean(secs) if secs else None,
-                }
-            )
-        n = annotations_per_task
-        return {
-            "annotators": annot_rows,
-            "tasks": {
-                "total": tasks,
-                "with_labels": len(submitted_per_task),
-                "complete": sum(1 for v in submitted_per_task.values() if v >= n),
-                "labels": len(labels),
-                "annotations_per_task": n,
-                "wanted": tasks * n,
-            },
-            "agreement": agreement(labels),
-        }
+            return reports.stats(c, annotations_per_task=annotations_per_task, now=self.clock())
+
+    def backup(self, out: str | Path) -> int:
+        """A consistent copy of the database at ``out`` (SQLite's online backup); returns the label count."""
+        return reports.backup(self._conn(), out, db_path=self.path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import combinations
 
@@ -59,19 +60,36 @@ def validate_ranking(ranking: object, k: int) -> list[list[int]]:
     return [list(group) for group in ranking]
 
 
+_CANONICAL_INT = re.compile(r"0|[1-9][0-9]*", re.ASCII)
+
+
+def position_key(key: object) -> int | None:
+    """A flags key as a position: an int, or its canonical decimal string ("2", not "02", "+2" or "٢"); else None.
+
+    Only one spelling per position, so two keys can never name the same response.
+    """
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key if key >= 0 else None
+    if isinstance(key, str) and _CANONICAL_INT.fullmatch(key):
+        return int(key)
+    return None
+
+
 def validate_flags(flags: object, k: int) -> dict[int, list[str]]:
-    """``{position: [flag, ...]}`` (keys may be strings, as JSON makes them) -> ``{int: sorted flags}``; empty lists dropped."""
+    """``{position: [flag, ...]}`` (keys may be canonical decimal strings, as JSON makes them) -> ``{int: sorted flags}``.
+
+    Empty flag lists are dropped.
+    """
     if flags is None:
         return {}
     if not isinstance(flags, Mapping):
         raise RankingError("flags: must be an object mapping a response position to a list of flags")
     out: dict[int, list[str]] = {}
     for key, values in flags.items():
-        try:
-            pos = int(key)
-        except (TypeError, ValueError):
-            raise RankingError(f"flags: key {key!r} is not a response position") from None
-        if isinstance(key, bool) or not 0 <= pos < k:
+        pos = position_key(key)
+        if pos is None:
+            raise RankingError(f"flags: key {key!r} is not a response position (write it as 0, 1, 2, ...)")
+        if not 0 <= pos < k:
             raise RankingError(f"flags: position {key!r} is out of range; this task has {k} responses (0..{k - 1})")
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise RankingError(f"flags[{key!r}]: must be a list of flag names")

@@ -4,16 +4,26 @@
      "messages": [{"role": "user", "content": "..."}],      # or "prompt": "..."
      "responses": [{"text": "...", "model": "name", "sampling": {...}}, ...]}
 
-Every error is a ``ValueError("path:line: field 'x': what is wrong")``.
+Every error is a ``ValueError("path:line: field 'x': what is wrong")``, raised before
+anything else happens (the server reads the whole file before it creates a database).
+A task id must be URL-safe (letters, digits, ``_ . : -``; not starting with a dot), so
+that the page can always submit or skip the task it was handed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
+TASK_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}", re.ASCII)
+
+
+def is_safe_task_id(task_id: object) -> bool:
+    """A task id that travels unchanged in a URL path segment (no ``/``, ``..``, ``%``, spaces...)."""
+    return isinstance(task_id, str) and TASK_ID_RE.fullmatch(task_id) is not None
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,12 @@ def parse_task(obj: object, path: str | Path = "<task>", line: int = 1) -> Task:
         raise _err(path, line, "id", f"must be a non-empty string, got {task_id!r}")
     if len(task_id) > 200:
         raise _err(path, line, "id", "is longer than 200 characters")
+    if not is_safe_task_id(task_id):
+        raise _err(
+            path, line, "id",
+            f"{task_id!r} has characters a URL cannot carry safely; use letters, digits and _ . : - "
+            "(not starting with a dot)",
+        )
 
     has_messages, has_prompt = "messages" in obj, "prompt" in obj
     if has_messages and has_prompt:
@@ -106,17 +122,24 @@ def load_tasks(path: str | Path) -> list[Task]:
         raise ValueError(f"{path}: task file not found")
     tasks: list[Task] = []
     first_line: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON: {e.msg} (column {e.colno})") from None
-            task = parse_task(obj, path, line_no)
-            if task.id in first_line:
-                raise _err(path, line_no, "id", f"duplicate task id {task.id!r} (first on line {first_line[task.id]})")
-            first_line[task.id] = line_no
-            tasks.append(task)
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: not valid JSON: {e.msg} (column {e.colno})") from None
+        try:  # a "\ud800" escape decodes to a lone surrogate, which no UTF-8 file or database can hold
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{path}:{line_no}: a string holds a lone surrogate escape (like \\ud800): not valid Unicode") from None
+        task = parse_task(obj, path, line_no)
+        if task.id in first_line:
+            raise _err(path, line_no, "id", f"duplicate task id {task.id!r} (first on line {first_line[task.id]})")
+        first_line[task.id] = line_no
+        tasks.append(task)
     return tasks

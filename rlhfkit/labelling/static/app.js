@@ -57,7 +57,7 @@ async function api(method, path, body) {
 
 // ---- views -----------------------------------------------------------------
 function show(section) {
-  for (const id of ["login", "done", "work"]) $(id).hidden = id !== section;
+  for (const id of ["login", "switch", "done", "work"]) $(id).hidden = id !== section;
   $("legend").hidden = section !== "work";
 }
 
@@ -448,22 +448,84 @@ async function downloadExport() {
   }
 }
 
-// ---- start ------------------------------------------------------------------------------
-function takeTokenFromUrl() {
-  // the login link carries the token in the fragment (never sent to the server); keep it, clear the address bar
+// ---- start: sign-in, and asking before a login link switches the account ------------------
+function tokenFromUrl() {
+  // the login link carries the token in the fragment (never sent to the server); clear the address bar
   const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
-  if (!m) return false;
-  localStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+  if (!m) return null;
   history.replaceState(null, "", location.pathname + location.search);
-  return true;
+  return decodeURIComponent(m[1]);
+}
+
+async function whoIs(token) {
+  // the account a token opens, or null; reads only (GET /api/me leases nothing)
+  try {
+    const res = await fetch("/api/me", { headers: { Authorization: "Bearer " + token } });
+    return res.ok ? await res.json() : null;
+  } catch (err) {
+    return null;
+  }
+}
+
+async function signIn(linkToken) {
+  const stored = localStorage.getItem(TOKEN_KEY);
+  if (linkToken && stored && linkToken !== stored) {
+    // someone may already be signed in on this page: never switch accounts without asking
+    const [current, next] = await Promise.all([whoIs(stored), whoIs(linkToken)]);
+    if (current && !next) {
+      await start();
+      setStatus("The login link you opened is not valid (revoked or mistyped); you are still signed in as " + current.name + ".", "error");
+      return;
+    }
+    if (current && next && current.name !== next.name) {
+      askSwitch(current.name, next.name, linkToken);
+      return;
+    }
+  }
+  if (linkToken) localStorage.setItem(TOKEN_KEY, linkToken);
+  await start();
+}
+
+function askSwitch(currentName, nextName, linkToken) {
+  state.task = null;
+  show("switch");
+  $("switch-text").textContent =
+    `This page is signed in as ${currentName}. The login link you opened is for ${nextName}. Switch accounts?`;
+  $("switch-yes").textContent = "Switch to " + nextName;
+  $("switch-no").textContent = "Stay signed in as " + currentName;
+  $("switch-yes").onclick = () => {
+    localStorage.setItem(TOKEN_KEY, linkToken);
+    start();
+  };
+  $("switch-no").onclick = () => start();
+}
+
+async function start() {
+  state.token = localStorage.getItem(TOKEN_KEY);
+  state.task = null;
+  state.editing = null;
+  setStatus("");
+  if (!state.token) {
+    showLogin();
+    return;
+  }
+  try {
+    state.me = await api("GET", "/api/me");
+  } catch (err) {
+    return;
+  }
+  $("who").textContent = state.me.name + (state.me.is_admin ? " (admin)" : "");
+  $("logout").hidden = false;
+  $("admin").hidden = !state.me.is_admin;
+  await loadNext().catch((e) => setStatus(e.message, "error"));
 }
 
 async function main() {
-  takeTokenFromUrl();
   // a login link opened in a tab already showing the page only changes the fragment
-  window.addEventListener("hashchange", () => { if (takeTokenFromUrl()) location.reload(); });
-  state.token = localStorage.getItem(TOKEN_KEY);
-
+  window.addEventListener("hashchange", () => {
+    const linkToken = tokenFromUrl();
+    if (linkToken) signIn(linkToken);
+  });
   $("ranking").addEventListener("click", onRankingClick);
   $("ranking").addEventListener("pointerdown", onPointerDown);
   document.addEventListener("pointermove", onPointerMove);
@@ -479,20 +541,7 @@ async function main() {
   $("logout").addEventListener("click", () => { showLogin(); setStatus("Logged out.", "ok"); });
   $("load-stats").addEventListener("click", loadStats);
   $("download-export").addEventListener("click", downloadExport);
-
-  if (!state.token) {
-    showLogin();
-    return;
-  }
-  try {
-    state.me = await api("GET", "/api/me");
-  } catch (err) {
-    return;
-  }
-  $("who").textContent = state.me.name + (state.me.is_admin ? " (admin)" : "");
-  $("logout").hidden = false;
-  $("admin").hidden = !state.me.is_admin;
-  await loadNext().catch((e) => setStatus(e.message, "error"));
+  await signIn(tokenFromUrl());
 }
 
 main();
