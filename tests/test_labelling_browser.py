@@ -2,12 +2,14 @@
 
 Ranks one task with the mouse and one with the keyboard, checks the export holds exactly
 those rankings in original response indices, saves a screenshot to
-``test-artifacts/labelling_page.png``, and checks that model output cannot run script.
+``test-artifacts/labelling_page.png``, checks that model output cannot run script, and that
+another annotator's login link asks before it switches the account.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 
@@ -241,6 +243,52 @@ def test_model_output_is_shown_as_text_not_run(tmp_path, page):
         assert page.locator("#conversation .text", has_text=f"Repeat after me: {XSS_SCRIPT}").is_visible()
         assert page.evaluate("typeof window.__pwned") == "undefined"
         assert page.locator("main img, main svg, main script").count() == 0
+        assert not page.problems, page.problems
+    finally:
+        server.stop()
+
+
+def tasks_held(db_path, name) -> int:
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return conn.execute(
+            "SELECT COUNT(*) FROM assignments a JOIN annotators n ON n.id = a.annotator_id WHERE n.name = ?", (name,)
+        ).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_another_annotators_login_link_asks_before_switching(tmp_path, page):
+    server, tokens, db_path = serve(tmp_path, TASKS, names=("ann", "bea"))
+    try:
+        page.goto(f"{server.url}/#token={tokens['ann']}")
+        wait_for_task(page, "task-mouse")
+
+        # bea's link in the same tab (only the fragment changes): a question, no lease for bea
+        page.goto(f"{server.url}/#token={tokens['bea']}")
+        page.locator("#switch").wait_for(state="visible")
+        text = page.locator("#switch-text").inner_text()
+        assert "signed in as ann" in text and "for bea" in text, text
+        assert "token" not in page.url and page.locator("#work").is_hidden()
+        assert tasks_held(db_path, "bea") == 0
+        page.get_by_role("button", name="Stay signed in as ann").click()
+        wait_for_task(page, "task-mouse")
+        assert page.locator("#who").inner_text() == "ann"
+
+        # bea's link in a new tab of the same browser (ann is signed in there too, through localStorage)
+        tab = page.context.new_page()
+        tab.goto(f"{server.url}/#token={tokens['bea']}")
+        tab.locator("#switch").wait_for(state="visible")
+        assert tasks_held(db_path, "bea") == 0
+        tab.get_by_role("button", name="Switch to bea").click()
+        wait_for_task(tab, "task-keys")  # ann holds task-mouse
+        assert tab.locator("#who").inner_text() == "bea"
+        assert tasks_held(db_path, "bea") == 1
+
+        # the signed-in annotator's own link again: no question
+        tab.goto(f"{server.url}/?again#token={tokens['bea']}")
+        wait_for_task(tab, "task-keys")
+        assert tab.locator("#switch").is_hidden() and tab.locator("#who").inner_text() == "bea"
         assert not page.problems, page.problems
     finally:
         server.stop()
