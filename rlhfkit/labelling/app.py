@@ -195,14 +195,14 @@ def create_app(
         imported = db.import_tasks(tasks) if tasks is not None else None
         db.set_meta("annotations_per_task", str(annotations_per_task))
     except sqlite3.Error as e:
-        db.close(checkpoint=False)
+        db.close()
         raise DatabaseProblem(db.path, e) from None
     n = annotations_per_task
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        db.close()  # checkpoints the WAL: a plain copy of the file is then a full copy
+        db.close(checkpoint=True)  # then a plain copy of the file alone is a full copy
 
     app = FastAPI(title="rlhfkit labelling", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json", lifespan=lifespan)
     app.state.db = db

@@ -2,8 +2,9 @@
 
 One SQLite file in WAL mode with ``synchronous=FULL``. Every write runs in its own
 ``BEGIN IMMEDIATE`` transaction and is committed before the method returns, so a label
-the server acknowledged survives a kill at any moment. ``close()`` checkpoints the WAL
-into the main file, so after a clean shutdown ``labels.sqlite`` alone holds everything.
+the server acknowledged survives a kill at any moment. The server's shutdown checkpoints
+the WAL into the main file (``close(checkpoint=True)``), so after a clean stop
+``labels.sqlite`` alone holds everything.
 
 Files: the database and its ``-wal``/``-shm`` are created 0600 (they hold token hashes
 and every label); the admin token of a new database goes to ``<db>.admin-token`` (0600),
@@ -214,13 +215,13 @@ class Store:
                 make_private(f)
             self.new_admin_token = self._init()
         except DatabaseProblem:
-            self.close(checkpoint=False)
+            self.close()
             raise
         except sqlite3.Error as e:
-            self.close(checkpoint=False)
+            self.close()
             raise DatabaseProblem(self.path, e) from None
         except OSError as e:
-            self.close(checkpoint=False)
+            self.close()
             raise DatabaseProblem(self.path, e.strerror or str(e)) from None
 
     # -- connections and transactions ---------------------------------------------------
@@ -265,8 +266,12 @@ class Store:
         """Copy the WAL into the main file and empty it: then a plain copy of the file holds every label."""
         self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def close(self, *, checkpoint: bool = True) -> None:
-        """Checkpoint the WAL (unless ``checkpoint=False``) and close every connection."""
+    def close(self, *, checkpoint: bool = False) -> None:
+        """Close every connection; with ``checkpoint=True`` (the server's shutdown) checkpoint the WAL first.
+
+        Only the server checkpoints: a TRUNCATE checkpoint from a CLI command would stall a running
+        server's writes. Without a server, SQLite checkpoints anyway when the last connection closes.
+        """
         if checkpoint and self._all:
             try:
                 self.checkpoint()

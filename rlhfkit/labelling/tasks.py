@@ -136,7 +136,7 @@ def load_tasks(path: str | Path) -> list[Task]:
         try:  # a "\ud800" escape decodes to a lone surrogate, which no UTF-8 file or database can hold
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError(f"{path}:{line_no}: a string holds a lone surrogate escape (like \\ud800): not valid Unicode") from None
+            raise ValueError(f"{path}:{line_no}: lone surrogate escape (like \\ud800) in a string: not valid Unicode") from None
         task = parse_task(obj, path, line_no)
         if task.id in first_line:
             raise _err(path, line_no, "id", f"duplicate task id {task.id!r} (first on line {first_line[task.id]})")
