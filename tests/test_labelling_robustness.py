@@ -363,6 +363,28 @@ def test_a_locked_database_answers_503_json_within_the_busy_timeout(tmp_path):
     app.state.db.close()
 
 
+def test_database_trouble_while_serving_is_a_503_and_anything_else_a_json_500(tmp_path, monkeypatch):
+    app, db_path, tokens = make_db(tmp_path)
+    db = app.state.db
+    c = TestClient(app, raise_server_exceptions=False)
+
+    def read_only(*args, **kwargs):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(db, "count_tasks", read_only)
+    r = c.get("/api/health")
+    assert r.status_code == 503 and r.json() == {
+        "detail": "the database is read-only (check the permissions of the file, its -wal/-shm and its folder)",
+        "code": "database_unavailable",
+    }
+    assert "content-security-policy" in r.headers
+    monkeypatch.setattr(db, "count_tasks", lambda: 1 / 0)
+    r = c.get("/api/health")
+    assert r.status_code == 500 and r.json()["code"] == "internal_error"
+    assert "default-src 'none'" in r.headers["content-security-policy"] and r.headers["x-frame-options"] == "DENY"
+    db.close()
+
+
 def _corrupt(db_path: Path, keep_header: bool) -> None:
     data = bytearray(db_path.read_bytes())
     start = 100 if keep_header else 0

@@ -223,6 +223,14 @@ def create_app(
         code = "database_busy" if "locked" in reason else "database_unavailable"
         return JSONResponse({"detail": reason, "code": code}, status_code=503, headers={"Retry-After": "5"})
 
+    @app.exception_handler(Exception)
+    async def _unexpected_error(request: Request, exc: Exception):
+        # runs outside the middlewares (Starlette's outermost layer), so it adds the headers itself;
+        # Starlette re-raises afterwards and the server log keeps the traceback
+        headers = {k.decode(): v.decode() for k, v in SECURITY_HEADERS}
+        body = {"detail": "internal error; the server log has the details", "code": "internal_error"}
+        return JSONResponse(body, status_code=500, headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = [{"field": _loc(e.get("loc", ())), "message": e.get("msg", "")} for e in exc.errors()]
