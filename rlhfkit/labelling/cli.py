@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
 import sqlite3
 import sys
@@ -108,7 +109,8 @@ def serve(
     try:
         sock = _listen(host, port)
     except OSError as e:
-        raise _fail(f"cannot listen on {host}:{port}: {e.strerror or e}; nothing was changed in {db}") from None
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise _fail(f"cannot listen on {host}:{port}: {reason}; nothing was changed in {db}") from None
     try:
         app = create_app(
             db, tasks=task_list, annotations_per_task=annotations_per_task, lease_seconds=lease_seconds,
@@ -190,7 +192,7 @@ def admin_token(
     db: Path = typer.Option(..., "--db", help=DB_EXISTING_HELP),
     url: str = typer.Option("http://127.0.0.1:8000", "--url", help=URL_HELP),
 ) -> None:
-    """Show the admin token kept in ``<db>.admin-token`` (0600) and the admin login link."""
+    """Show the admin token kept in <db>.admin-token (0600) and the admin login link."""
     with _database(db) as database:
         token, name = database.admin_token()
     typer.echo(f"admin token ({name}): {token}")
