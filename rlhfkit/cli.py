@@ -291,7 +291,7 @@ def _run_guarded(fn):
 def _mount_subcommands() -> None:
     from .labelling.cli import label_app
 
-    app.add_typer(label_app, name="label", help="The annotators' labelling server: serve, add-annotator, export, stats.")
+    app.add_typer(label_app, name="label", help="The annotators' labelling server: serve, add-annotator, export, stats, backup, revoke, rotate, admin-token.")
 
 
 _mount_subcommands()
