@@ -83,14 +83,13 @@ def _model_generation_config(model, config: GenerationConfig):
 @torch.no_grad()
 def sample_ids(
     model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationSettings, eos_id: int, pad_id: int,
-    num_samples: int = 1, num_tokens: int | None = None, return_logprobs: bool = False,
-):  # fmt: skip
+    num_samples: int = 1, num_tokens: int | None = None,
+) -> torch.Tensor:
     """Left-padded prompts (B, P) -> response token ids (B * num_samples, T), pad after the end.
 
     `num_tokens` is the tokenizer's size: ids at or beyond it (rows of a vocabulary padded for
-    speed) and the pad id are never sampled (`sampling_support`). With `return_logprobs`, also the
-    sampler's own log-probs of the drawn tokens, (B * num_samples, T) from its processed scores
-    (meaningful up to each row's EOS).
+    speed) and the pad id are never sampled (`sampling_support`); nothing but temperature (and top_p /
+    top_k where allowed) shapes the distribution (`sampling_config`).
     """
     greedy = gen.temperature == 0
     if greedy and num_samples > 1:  # greedy decoding gives one answer; repeat it
@@ -99,14 +98,9 @@ def sample_ids(
         num_samples = 1
     support = sampling_support(model.get_output_embeddings().weight.shape[0], num_tokens, pad_id)
     config = sampling_config(gen, eos_id, pad_id, (~support).nonzero().flatten().tolist(), num_samples)
-    config.output_scores = config.return_dict_in_generate = return_logprobs
     with _model_generation_config(model, config):
         out = model.generate(input_ids=prompt_ids, attention_mask=attention_mask, generation_config=config)
-    if not return_logprobs:
-        return out[:, prompt_ids.shape[1] :]
-    ids = out.sequences[:, prompt_ids.shape[1] :]
-    scores = torch.stack(out.scores, dim=1).float()  # (B, T, V): the logits after every processor
-    return ids, torch.log_softmax(scores, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return out[:, prompt_ids.shape[1] :]
 
 
 def encode_prompts(tokenizer, prompts: list[list[dict]], gen: GenerationSettings) -> tuple[torch.Tensor, torch.Tensor]:
