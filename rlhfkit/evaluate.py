@@ -53,10 +53,10 @@ def response_logprobs(
     pad_token_id: int,
     temperature: float = 1.0,
     batch_size: int = 8,
-    num_tokens: int | None = None,
+    support: torch.Tensor | None = None,
 ) -> list[float]:
     """sum_t log p(response_t | prompt, response_<t) for each (prompt, response), at `temperature`, over the
-    ids the sampler may draw (`sampling_support`: no pad id, none at or past the tokenizer's size `num_tokens`).
+    `support` ids (those the sampler may draw, `generate.sampling_support`; None: the whole vocabulary).
 
     Prompts are left-padded and responses right-padded (as in generation), position ids follow the
     attention mask, and the LM head runs only on the positions that predict response tokens.
@@ -64,7 +64,6 @@ def response_logprobs(
     model.eval()
     device = next(model.parameters()).device
     backbone, head = backbone_and_head(model)
-    support = sampling_support(head.weight.shape[0], num_tokens, pad_token_id)
     out: list[float] = []
     for start in range(0, len(prompt_ids), batch_size):
         prompts, responses = prompt_ids[start : start + batch_size], response_ids[start : start + batch_size]
@@ -78,7 +77,7 @@ def response_logprobs(
             input_ids=torch.cat([p, r], dim=1), attention_mask=attention, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         logits = head(hidden[:, p.shape[1] - 1 : -1])  # position P-1+t predicts response token t
-        logprobs = logprobs_from_logits(logits, r, temperature, support)  # -inf on the padding (the pad id)
+        logprobs = logprobs_from_logits(logits, r, temperature, support)  # with a support: -inf on the padding
         out.extend(torch.where(r_mask.bool(), logprobs, 0.0).sum(1).double().tolist())
     return out
 
@@ -183,10 +182,11 @@ def evaluate_policies(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict,
     # 2. KL from SFT on each policy's own samples: log pi(y) - log pi_SFT(y), summed over response tokens.
     prompt_ids = [encode_prompt(tok, m, gen.max_prompt_length, gen.system_prompt) for m in prompts]
     kl: dict[str, list[float]] = {}
+    support = sampling_support(sft.get_output_embeddings().weight.shape[0], len(tok), tok.pad_token_id)  # the sampler's
     for name, model in (("sft", sft), ("rlhf", rlhf)):
         responses = [s.token_ids or [tok.eos_token_id] for s in samples[name]]
-        own = response_logprobs(model, prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, len(tok))
-        ref = own if model is sft else response_logprobs(sft, prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, len(tok))
+        own = response_logprobs(model, prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
+        ref = own if model is sft else response_logprobs(sft, prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
         kl[name] = [a - b for a, b in zip(own, ref)]
     del sft, rlhf, model
     _free()

@@ -16,8 +16,11 @@ One PPO iteration (`PPOTrainer.iteration`) is, in order:
 6. **beta**: the adaptive KL controller moves beta toward `target_kl` (or beta stays fixed).
 
 The maths are the pure functions of `rlhfkit.ppo_math`. Log-probs of the rollout policy, of the
-reference and the values are computed ONCE per rollout (no grad) and reused by every epoch.
+reference and the values are computed ONCE per rollout (no grad) and reused by every epoch, on the
+micro-batches of the first epoch (`_rollout_micro_batches`): the first minibatch's ratio is exactly 1.
 Logits are computed only on response positions (the LM head runs on the selected hidden states).
+Every log-prob is that of the sampler's distribution: softmax(logits / temperature) over the sampling
+support (no pad id, no id past the tokenizer), with no other logits processor (`generate.sample_ids`).
 
 Memory layout (W = one network's weights):
 
