@@ -557,6 +557,8 @@ class PPOTrainer:
         self.nets = build_networks(cfg, acc.device)
         self.tokenizer = self.nets.tokenizer
         log.info("PPO layout: %s", self.nets.layout)
+        rm_precision = self.nets.rm_stats.get("precision", "fp32")
+        log.info("the reward model scores in %s with fp32 weights, as its reward_stats.json was measured", rm_precision)
         self.prompts = load_prompts(cfg.prompts)
         if not self.prompts:
             raise ValueError(f"{cfg.prompts}: no prompts")
