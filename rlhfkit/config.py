@@ -229,7 +229,7 @@ class RolloutSettings(GenerationSettings):
         if (info.field_name == "top_p" and value < 1) or (info.field_name == "top_k" and value > 0):
             raise ValueError(
                 f"{info.field_name} {value} truncates the sampling distribution, but PPO's log-probs, importance ratio "
-                "and KL are those of softmax(logits / temperature) over the whole vocabulary: the ratio would be wrong. "
+                "and KL are those of the untruncated softmax(logits / temperature): the ratio would be wrong. "
                 "Keep top_p 1.0 and top_k 0 (lower the temperature instead)"
             )
         return value
