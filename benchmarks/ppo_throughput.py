@@ -106,7 +106,7 @@ def run_rlhfkit(args, paths: dict, work: Path) -> dict:
     torch.set_num_threads(args.threads)
 
     @torch.no_grad()
-    def full_length(model, prompt_ids, attention_mask, gen, eos_id, pad_id, num_samples=1):
+    def full_length(model, prompt_ids, attention_mask, gen, eos_id, pad_id, num_samples=1, num_tokens=None):
         out = model.generate(
             input_ids=prompt_ids, attention_mask=attention_mask, max_new_tokens=gen.max_new_tokens,
             min_new_tokens=gen.max_new_tokens, do_sample=True, temperature=gen.temperature, top_p=1.0, top_k=None,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
@@ -214,14 +214,25 @@ class RolloutSettings(GenerationSettings):
     temperature: float = Field(0.7, gt=0)
     """Softmax temperature (> 0); the same temperature divides the logits when log-probs are recomputed."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling threshold. Keep 1.0: with truncated sampling the tokens no longer come from the
-    distribution whose log-probs PPO uses."""
+    """Nucleus sampling threshold: must stay 1.0 (truncated sampling draws tokens from a distribution whose
+    log-probs PPO does not compute: the importance ratio and the KL would be wrong)."""
     top_k: int = Field(0, ge=0)
-    """Top-k sampling (0: off; keep it off for the same reason as top_p)."""
+    """Top-k sampling: must stay 0 (off), for the same reason as top_p."""
     batch_size: int = Field(32, ge=1)
     """Prompts sampled together on each process."""
     seed: int = 0
     """Not used by PPO: sampling follows the run's seed and RNG state (restored on resume)."""
+
+    @field_validator("top_p", "top_k")
+    @classmethod
+    def _whole_distribution(cls, value: float, info: ValidationInfo) -> float:
+        if (info.field_name == "top_p" and value < 1) or (info.field_name == "top_k" and value > 0):
+            raise ValueError(
+                f"{info.field_name} {value} truncates the sampling distribution, but PPO's log-probs, importance ratio "
+                "and KL are those of the untruncated softmax(logits / temperature): the ratio would be wrong. "
+                "Keep top_p 1.0 and top_k 0 (lower the temperature instead)"
+            )
+        return value
 
 
 class PPOConfig(TrainingSettings):
@@ -258,7 +269,7 @@ class PPOConfig(TrainingSettings):
     """Responses per forward/backward micro-batch on each process (minibatches are accumulated from them);
     also the batch of the no-grad passes (reference, values, reward model)."""
     grad_accum: int = Field(1, ge=1)
-    """Not used by PPO: minibatch_size / (batch_size * processes) micro-batches are accumulated."""
+    """Not used by PPO (must stay 1): minibatch_size / (batch_size * processes) micro-batches are accumulated."""
     max_steps: int = Field(0, ge=0)
     """PPO iterations to run (0: `epochs` passes over the prompts)."""
     epochs: float = Field(1.0, gt=0)
@@ -290,10 +301,11 @@ class PPOConfig(TrainingSettings):
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
     """Per-token KL(pi || pi_ref) estimator in the reward: k1 = log pi - log pi_ref (classic RLHF), k3 = (r - 1) - log r
     with r = pi_ref / pi (>= 0, lower variance). The logged KL and the adaptive controller always use k1."""
-    init_kl_coef: float = Field(0.05, ge=0)
-    """beta: weight of the KL penalty in the per-token reward -beta * kl_t (the initial value if adaptive)."""
     adaptive_kl: bool = True
     """Adapt beta toward target_kl (Ziegler et al. 2019); false keeps beta fixed at init_kl_coef."""
+    init_kl_coef: float = Field(0.05, ge=0)
+    """beta: weight of the KL penalty in the per-token reward -beta * kl_t (the initial value if adaptive; > 0 then,
+    since the controller multiplies it)."""
     target_kl: float = Field(6.0, gt=0)
     """Target KL per response (nats, summed over its tokens) of the adaptive controller."""
     kl_horizon: float = Field(10000, gt=0)
@@ -303,8 +315,9 @@ class PPOConfig(TrainingSettings):
     missing_eos: Literal["replace", "subtract", "none"] = "replace"
     """What a response that hit max_new_tokens without EOS scores: 'replace' = -missing_eos_penalty instead of its
     (normalised) score, 'subtract' = its score minus missing_eos_penalty, 'none' = its score."""
-    missing_eos_penalty: float = 1.0
-    """The penalty of missing_eos (default: such responses score -1, i.e. one reward-model std below the mean)."""
+    missing_eos_penalty: float = Field(1.0, ge=0)
+    """The penalty of missing_eos (default: such responses score -1, i.e. one reward-model std below the mean); >= 0,
+    a negative one would reward the responses that do not end."""
     ptx_data: list[str] | str | None = None
     """PPO-ptx (InstructGPT): demonstrations whose SFT loss is added to every minibatch (None: off). Same formats as SFT data."""
     ptx_coef: float = Field(0.1, ge=0)
@@ -325,6 +338,24 @@ class PPOConfig(TrainingSettings):
     """Save a resumable checkpoint every N iterations (0: only at the end)."""
     log_every: int = Field(1, ge=1)
     """Write metrics every N iterations."""
+
+    @field_validator("grad_accum")
+    @classmethod
+    def _no_grad_accum(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("PPO accumulates minibatch_size / (batch_size * processes) micro-batches per optimiser step; "
+                             "grad_accum would do nothing: set minibatch_size and batch_size instead")  # fmt: skip
+        return value
+
+    @field_validator("init_kl_coef")
+    @classmethod
+    def _adaptive_needs_beta(cls, value: float, info: ValidationInfo) -> float:
+        if value == 0 and info.data.get("adaptive_kl", True):
+            raise ValueError(
+                "0 with adaptive_kl: true stays 0 for ever (the controller multiplies beta); "
+                "give a starting beta > 0, or set adaptive_kl: false for no KL penalty"
+            )
+        return value
 
 
 T = TypeVar("T", bound=BaseModel)

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from .config import EvaluateConfig, save_config
-from .generate import Sample, generate_responses, load_for_inference, model_path_of
+from .generate import Sample, generate_responses, load_for_inference, model_path_of, sampling_support
 from .models import backbone_and_head
 from .ppo_math import logprobs_from_logits
 from .tokens import encode_prompt, encode_response, pad, truncate
@@ -53,8 +53,10 @@ def response_logprobs(
     pad_token_id: int,
     temperature: float = 1.0,
     batch_size: int = 8,
+    support: torch.Tensor | None = None,
 ) -> list[float]:
-    """sum_t log p(response_t | prompt, response_<t) for each (prompt, response), at `temperature`.
+    """sum_t log p(response_t | prompt, response_<t) for each (prompt, response), at `temperature`, over the
+    `support` ids (those the sampler may draw, `generate.sampling_support`; None: the whole vocabulary).
 
     Prompts are left-padded and responses right-padded (as in generation), position ids follow the
     attention mask, and the LM head runs only on the positions that predict response tokens.
@@ -75,8 +77,8 @@ def response_logprobs(
             input_ids=torch.cat([p, r], dim=1), attention_mask=attention, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         logits = head(hidden[:, p.shape[1] - 1 : -1])  # position P-1+t predicts response token t
-        logprobs = logprobs_from_logits(logits, r, temperature)
-        out.extend((logprobs * r_mask).sum(1).double().tolist())
+        logprobs = logprobs_from_logits(logits, r, temperature, support)  # with a support: -inf on the padding
+        out.extend(torch.where(r_mask.bool(), logprobs, 0.0).sum(1).double().tolist())
     return out
 
 
@@ -180,10 +182,11 @@ def evaluate_policies(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict,
     # 2. KL from SFT on each policy's own samples: log pi(y) - log pi_SFT(y), summed over response tokens.
     prompt_ids = [encode_prompt(tok, m, gen.max_prompt_length, gen.system_prompt) for m in prompts]
     kl: dict[str, list[float]] = {}
+    support = sampling_support(sft.get_output_embeddings().weight.shape[0], len(tok), tok.pad_token_id)  # the sampler's
     for name, model in (("sft", sft), ("rlhf", rlhf)):
         responses = [s.token_ids or [tok.eos_token_id] for s in samples[name]]
-        own = response_logprobs(model, prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size)
-        ref = own if model is sft else response_logprobs(sft, prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size)
+        own = response_logprobs(model, prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
+        ref = own if model is sft else response_logprobs(sft, prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
         kl[name] = [a - b for a, b in zip(own, ref)]
     del sft, rlhf, model
     _free()

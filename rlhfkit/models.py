@@ -150,13 +150,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, attr, 0.0)
 
 
-def enable_activation_checkpointing(model) -> None:
-    """Recompute each block's activations in the backward pass: less memory for about a third more compute."""
+def enable_activation_checkpointing(model, **checkpoint_kwargs) -> None:
+    """Recompute each block's activations in the backward pass: less memory for about a third more compute.
+    ``checkpoint_kwargs`` go to `torch.utils.checkpoint.checkpoint` (e.g. PPO's ``context_fn``)."""
+    kwargs = {"use_reentrant": False, **checkpoint_kwargs}
     # transformers 5.2x renamed gradient_checkpointing_enable (the old name warns); older 5.x has only the old one.
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def transformer_blocks(model) -> torch.nn.ModuleList:

@@ -16,8 +16,11 @@ One PPO iteration (`PPOTrainer.iteration`) is, in order:
 6. **beta**: the adaptive KL controller moves beta toward `target_kl` (or beta stays fixed).
 
 The maths are the pure functions of `rlhfkit.ppo_math`. Log-probs of the rollout policy, of the
-reference and the values are computed ONCE per rollout (no grad) and reused by every epoch.
+reference and the values are computed ONCE per rollout (no grad) and reused by every epoch, on the
+micro-batches of the first epoch (`_rollout_micro_batches`): the first minibatch's ratio is exactly 1.
 Logits are computed only on response positions (the LM head runs on the selected hidden states).
+Every log-prob is that of the sampler's distribution: softmax(logits / temperature) over the sampling
+support (no pad id, no id past the tokenizer), with no other logits processor (`generate.sample_ids`).
 
 Memory layout (W = one network's weights):
 
@@ -65,7 +68,7 @@ from tqdm.auto import tqdm
 
 from .config import PPOConfig
 from .data import load_demonstrations, load_prompts
-from .generate import model_path_of, sample_ids
+from .generate import model_path_of, sample_ids, sampling_support
 from .models import (
     apply_lora,
     backbone_and_head,
@@ -96,7 +99,7 @@ from .ppo_math import (
     value_loss,
 )
 from .sft import ResponseLoss, batch_to_inputs, trained_tokens
-from .tokens import encode_example, encode_prompt, pad
+from .tokens import encode_example, encode_prompt, encode_response, pad, truncate
 from .training import (
     Checkpointer,
     DataPlan,
@@ -161,12 +164,14 @@ def response_hidden(backbone, batch: dict, frozen: torch.Tensor | None = None, s
     return sequence_hidden(backbone, batch, frozen, split)[:, P - 1 : -1]
 
 
-def policy_logprobs(lm, batch: dict, temperature: float, with_entropy: bool = False, frozen=None, split: int = 0):
-    """Log-probs (and entropy) of the response tokens under ``lm``; logits only on response positions."""
+def policy_logprobs(lm, batch: dict, temperature: float, with_entropy: bool = False, frozen=None, split: int = 0, support=None):
+    """Log-probs (and entropy) of the response tokens under ``lm``; logits only on response positions.
+
+    ``temperature`` and ``support`` (the ids the sampler may draw, `sampling_support`) are the sampler's."""
     backbone, head = backbone_and_head(lm)
     logits = head(response_hidden(backbone, batch, frozen, split))
-    logprobs = logprobs_from_logits(logits, batch["response_ids"], temperature)
-    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    logprobs = logprobs_from_logits(logits, batch["response_ids"], temperature, support)
+    entropy = entropy_from_logits(logits, temperature, support) if with_entropy else None
     return logprobs, entropy
 
 
@@ -182,14 +187,16 @@ class ActorCritic(torch.nn.Module):
 
     One module means one DDP wrapper and one backward for both (and the PPO-ptx loss). With LoRA
     and ``shared=True`` the critic is the "critic" adapter on the policy's own base network.
+    ``support``: the ids the sampler may draw (`sampling_support`); log-probs normalise over them.
     """
 
     def __init__(
         self, policy, critic_backbone, value_head: torch.nn.Linear, temperature: float, shared: bool,
-        policy_split: int = 0, critic_split: int = 0,
+        policy_split: int = 0, critic_split: int = 0, support: torch.Tensor | None = None,
     ):  # fmt: skip
         super().__init__()
         self.policy = policy
+        self.register_buffer("support", support, persistent=False)
         # blocks below these indices are frozen and shared: their output may come precomputed (`frozen_hidden`)
         self.policy_split, self.critic_split = policy_split, critic_split
         self.critic_backbone = None if shared else critic_backbone
@@ -222,12 +229,18 @@ class ActorCritic(torch.nn.Module):
             self.policy.set_adapter(POLICY_ADAPTER)
             self.restore_trainable()
 
+    def recompute_context(self):
+        """``context_fn`` of activation checkpointing: called in a block's forward, it returns the context of
+        the block's recomputation in the backward pass, which runs the adapter that was active in the forward.
+        Without it the critic's blocks would be recomputed through the policy adapter (active again by then)."""
+        return contextlib.nullcontext(), self.adapter(self.policy.active_adapter)
+
     def critic_body(self):
         return backbone_and_head(self.policy)[0] if self.shared else self.critic_backbone
 
     def policy_forward(self, batch: dict, with_entropy: bool = False, frozen=None):
         with self.adapter(POLICY_ADAPTER):
-            return policy_logprobs(self.policy, batch, self.temperature, with_entropy, frozen, self.policy_split)
+            return policy_logprobs(self.policy, batch, self.temperature, with_entropy, frozen, self.policy_split, self.support)
 
     def values(self, batch: dict, frozen=None) -> torch.Tensor:
         with self.adapter(CRITIC_ADAPTER):
@@ -381,9 +394,10 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
         reward_split = len(transformer_blocks(rm.lm)) - top if cfg.critic_init == "reward" else 0
         layout += "; the output of the frozen blocks below is computed once per rollout"
     critic_split = reward_split if cfg.critic_init == "reward" else policy_split
+    support = sampling_support(policy.get_output_embeddings().weight.shape[0], len(tokenizer), tokenizer.pad_token_id)
     actor_critic = ActorCritic(
         policy, critic_backbone, value_head, cfg.generation.temperature, shared=lora and cfg.critic_init == "policy",
-        policy_split=policy_split, critic_split=critic_split,
+        policy_split=policy_split, critic_split=critic_split, support=support,
     )  # fmt: skip
     # trainable: the policy and critic (full, or their top blocks), or the adapters + value head (LoRA)
     for name, p in actor_critic.named_parameters():
@@ -397,15 +411,18 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
     disable_dropout(actor_critic)  # dropout off everywhere, LoRA branches included
     actor_critic.freeze_trainable_set()
     if cfg.gradient_checkpointing:
+        # shared base: a block is recomputed through the adapter it ran with (`ActorCritic.recompute_context`)
+        context = {"context_fn": actor_critic.recompute_context} if actor_critic.shared else {}
         for model in {id(m): m for m in (policy, critic_backbone) if m is not None}.values():
-            enable_activation_checkpointing(model)
+            enable_activation_checkpointing(model, **context)
     if cfg.precision == "bf16":
         # Frozen weights are only read, and autocast reads matrices in bf16 anyway: storing them in bf16
-        # halves the LoRA bases, the blocks shared below train_top_layers and the reward model. Trained
-        # weights stay fp32, and so do the reference's own copies of them: the reference then computes
-        # exactly what the policy computed at the start (KL 0), not a bf16 rounding of it. The reward
-        # head stays fp32, so scores are not rounded to bf16's 3 digits.
-        _store_frozen_as(torch.bfloat16, actor_critic, rm.lm)
+        # halves the policy's LoRA base and the blocks shared below train_top_layers. Trained weights stay
+        # fp32, and so do the reference's own copies of them: the reference then computes exactly what the
+        # policy computed at the start (KL 0), not a bf16 rounding of it. The reward model (and a critic on
+        # its base) keeps the fp32 weights its reward_stats.json was measured with: in bf16 the normalised
+        # scores would drift from the saved mean.
+        _store_frozen_as(torch.bfloat16, actor_critic.policy)
     actor_critic.to(device)
     if reference is not None:
         reference.to(device)
@@ -540,6 +557,8 @@ class PPOTrainer:
         self.nets = build_networks(cfg, acc.device)
         self.tokenizer = self.nets.tokenizer
         log.info("PPO layout: %s", self.nets.layout)
+        rm_precision = self.nets.rm_stats.get("precision", "fp32")
+        log.info("the reward model scores in %s with fp32 weights, as its reward_stats.json was measured", rm_precision)
         self.prompts = load_prompts(cfg.prompts)
         if not self.prompts:
             raise ValueError(f"{cfg.prompts}: no prompts")
@@ -578,6 +597,7 @@ class PPOTrainer:
         self.samples_file = self.run.path / "samples.jsonl"
         self._warned_missing_eos = False
         self._split_checked = False
+        self.iteration_index = 0
 
     @staticmethod
     def _check_config(cfg: PPOConfig) -> None:
@@ -611,7 +631,9 @@ class PPOTrainer:
             for start in range(0, len(ids), gen.batch_size):
                 p_ids, p_mask = prompt_ids[start : start + gen.batch_size], prompt_mask[start : start + gen.batch_size]
                 keep_from = int(p_mask.any(0).long().argmax())
-                out = sample_ids(self.ac.policy, p_ids[:, keep_from:], p_mask[:, keep_from:], gen, tok.eos_token_id, tok.pad_token_id)
+                out = sample_ids(
+                    self.ac.policy, p_ids[:, keep_from:], p_mask[:, keep_from:], gen, tok.eos_token_id, tok.pad_token_id, num_tokens=len(tok)
+                )
                 chunks.append(torch.nn.functional.pad(out, (0, gen.max_new_tokens - out.shape[1]), value=tok.pad_token_id))
         self.ac.train()
         responses = torch.cat(chunks)
@@ -635,7 +657,7 @@ class PPOTrainer:
         bases = [("policy_frozen", backbone_and_head(ac.policy)[0], ac.policy_split),
                  ("reward_frozen", backbone_and_head(nets.reward_model.lm)[0], nets.reward_split)]  # fmt: skip
         with self.accelerator.autocast():
-            for rows in self._micro_batches(batch, torch.arange(B)):
+            for rows in self._rollout_micro_batches(batch):
                 micro = batch.micro(rows)  # trimmed: its columns are [P - P', P + T') of the rollout's
                 columns = slice(P - micro["prompt_ids"].shape[1], P + micro["mask"].shape[1])
                 for name, backbone, split in bases:
@@ -659,8 +681,8 @@ class PPOTrainer:
             pairs = []
             if ac.policy_split:
                 with ac.adapter(POLICY_ADAPTER):
-                    pairs.append((policy_logprobs(ac.policy, micro, temperature, frozen=micro["policy_frozen"], split=ac.policy_split)[0],
-                                  policy_logprobs(ac.policy, micro, temperature)[0]))  # fmt: skip
+                    pairs.append((policy_logprobs(ac.policy, micro, temperature, frozen=micro["policy_frozen"], split=ac.policy_split, support=ac.support)[0],
+                                  policy_logprobs(ac.policy, micro, temperature, support=ac.support)[0]))  # fmt: skip
             if nets.reward_split:
                 with self._reward_model_active():
                     pairs.append((reward_scores(nets.reward_model, micro, micro["reward_frozen"], nets.reward_split),
@@ -687,25 +709,29 @@ class PPOTrainer:
 
     @torch.no_grad()
     def score(self, batch: Rollout) -> None:
-        """Reward-model scores, normalised with step 2's statistics; clipping; the missing-EOS penalty."""
+        """Reward-model scores, normalised with step 2's statistics; clipping; the missing-EOS penalty.
+
+        The reward model scores as its statistics were measured: fp32 weights, bf16 autocast only if step 2
+        ran in bf16 (`reward_stats.json` "precision"), whatever PPO's own precision."""
         cfg, nets, acc = self.cfg, self.nets, self.accelerator
-        with acc.autocast(), self._reward_model_active():
+        rm_precision = nets.rm_stats.get("precision", "fp32")
+        autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=rm_precision == "bf16")
+        with autocast, self._reward_model_active():
             if nets.same_vocab:  # the policy's token ids as they are
                 raw = torch.zeros(len(batch), device=acc.device)
-                for rows in self._micro_batches(batch, torch.arange(len(batch))):
+                # the frozen blocks' cached output was computed in PPO's precision: reused only if it is the reward model's
+                split = nets.reward_split if rm_precision == cfg.precision else 0
+                for rows in self._rollout_micro_batches(batch):
                     micro = batch.micro(rows)
-                    raw[rows] = reward_scores(nets.reward_model, micro, micro.get("reward_frozen"), nets.reward_split)
-                std = float(nets.rm_stats.get("std", 1.0)) or 1.0
-                rm_scores = (raw - float(nets.rm_stats.get("mean", 0.0))) / std
+                    raw[rows] = reward_scores(nets.reward_model, micro, micro.get("reward_frozen") if split else None, split)
             else:  # another vocabulary: decode and re-tokenise with the reward model's tokenizer
-                from .reward import score
+                from .reward import score_rows
 
-                texts = self.tokenizer.batch_decode(batch.response_ids.masked_fill(~batch.mask, self.tokenizer.pad_token_id), skip_special_tokens=True)
-                messages = [self._with_system(m) for m in batch.messages]
-                rm_scores = torch.tensor(
-                    score(nets.reward_model, nets.rm_tokenizer, messages, [t.strip() for t in texts], cfg.batch_size, normalise=True),
-                    dtype=torch.float32, device=acc.device,
-                )  # fmt: skip
+                rows = self._reward_rows_from_text(batch)
+                raw = torch.tensor(score_rows(nets.reward_model, rows, nets.rm_tokenizer.pad_token_id, cfg.batch_size, rm_precision),
+                                   dtype=torch.float32, device=acc.device)  # fmt: skip
+        std = float(nets.rm_stats.get("std", 1.0)) or 1.0
+        rm_scores = (raw - float(nets.rm_stats.get("mean", 0.0))) / std
         check_finite("reward-model score", rm_scores, self.iteration_index + 1)
         scores = rm_scores.clone()
         if cfg.score_clip is not None:
@@ -725,6 +751,20 @@ class PPOTrainer:
         elif cfg.missing_eos == "subtract":
             scores = scores - missing.float() * cfg.missing_eos_penalty
         batch.rm_scores, batch.scores = rm_scores, scores
+
+    def _reward_rows_from_text(self, batch: Rollout) -> list[list[int]]:
+        """What a reward model with another vocabulary reads: the prompt and the response text re-tokenised with
+        its tokenizer, the EOS only if the response ended (a response cut at max_new_tokens is scored as cut, as
+        with the policy's own ids and in `rlhfkit evaluate`), truncated to reward_max_length by the SFT rule."""
+        tok, rm_tok = self.tokenizer, self.nets.rm_tokenizer
+        share = float(self.nets.rm_stats.get("max_prompt_share", 0.5))
+        rows = []
+        for messages, ids, mask, has_eos in zip(batch.messages, batch.response_ids, batch.mask, batch.has_eos.tolist()):
+            text = tok.decode(ids[mask].tolist(), skip_special_tokens=True).strip()
+            prompt = encode_prompt(rm_tok, self._with_system(messages))
+            prompt, response, _ = truncate(prompt, encode_response(rm_tok, text, add_eos=has_eos), self.cfg.reward_max_length, share)
+            rows.append(prompt + response)
+        return rows
 
     def _with_system(self, messages: list) -> list:
         sp = self.cfg.generation.system_prompt
@@ -766,7 +806,7 @@ class PPOTrainer:
         B, T = batch.response_ids.shape
         old, ent, ref, values = (torch.zeros(B, T, device=acc.device) for _ in range(4))
         with acc.autocast():
-            for rows in self._micro_batches(batch, torch.arange(B)):
+            for rows in self._rollout_micro_batches(batch):
                 micro = batch.micro(rows)
                 t = micro["mask"].shape[1]
                 frozen = self._frozen_inputs(micro)
@@ -774,9 +814,25 @@ class PPOTrainer:
                 old[rows, :t], values[rows, :t], ent[rows, :t] = lp, v, e
                 with self._reference_active() as reference:
                     ref[rows, :t] = policy_logprobs(
-                        reference, _model_batch(micro), cfg.generation.temperature, frozen=frozen["policy_frozen"], split=self.ac.policy_split
-                    )[0]
+                        reference, _model_batch(micro), cfg.generation.temperature, frozen=frozen["policy_frozen"],
+                        split=self.ac.policy_split, support=self.ac.support,
+                    )[0]  # fmt: skip
+        # padding holds the pad id, outside the sampling support (log-prob -inf): stored as 0
+        old, ref = torch.where(batch.mask, old, 0.0), torch.where(batch.mask, ref, 0.0)
         batch.old_logprobs, batch.ref_logprobs, batch.entropy, batch.values = old, ref, ent, values
+
+    def _minibatches(self, n_rows: int, iteration: int, epoch: int) -> tuple[torch.Tensor, ...]:
+        """This process's minibatches (row indices) of one epoch: a shuffle seeded by run, iteration, epoch, process."""
+        cfg, acc = self.cfg, self.accelerator
+        g = torch.Generator().manual_seed(((cfg.seed * 100_003 + iteration) * 101 + epoch) * 1009 + acc.process_index)
+        return torch.randperm(n_rows, generator=g).split(self.local_minibatch)
+
+    def _rollout_micro_batches(self, batch: Rollout) -> list[torch.Tensor]:
+        """The micro-batches of the first epoch, in its order. The no-grad passes over the rollout (old log-probs,
+        values, reference, reward model, frozen blocks) use them, so the first minibatch trains on exactly the
+        rows, padding and batch shapes its old log-probs were computed with: its ratio is exactly 1, in bf16 too."""
+        minibatches = self._minibatches(len(batch), self.iteration_index, 0)
+        return [rows for mb in minibatches for rows in self._micro_batches(batch, mb)]
 
     def _micro_batches(self, batch: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``rows`` ordered by prompt + response length and split into micro-batches, so they carry little
@@ -838,9 +894,7 @@ class PPOTrainer:
 
         token_counts = batch.mask.sum(1)
         for epoch in range(cfg.ppo_epochs):
-            g = torch.Generator().manual_seed(((cfg.seed * 100_003 + iteration) * 101 + epoch) * 1009 + acc.process_index)
-            order = torch.randperm(len(batch), generator=g)
-            minibatches = order.split(self.local_minibatch)
+            minibatches = self._minibatches(len(batch), iteration, epoch)
             # the loss of a minibatch is a token mean over all processes' responses
             local = torch.stack([token_counts[mb.to(token_counts.device)].sum() for mb in minibatches]).double()
             global_tokens = acc.reduce(local, reduction="sum").tolist() if n_proc > 1 else local.tolist()

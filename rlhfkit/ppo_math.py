@@ -115,57 +115,79 @@ def first_eos_mask(
 # --------------------------------------------------------------------------- log-probs
 
 
-def logprobs_from_logits(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """Log-probability of ``tokens`` under ``softmax(logits / temperature)``.
+# fp32 elements of one no-grad log-softmax chunk (512 MB): old / reference log-probs of a long rollout
+# with a large vocabulary are computed a few rows at a time instead of all at once.
+_NO_GRAD_CHUNK_ELEMENTS = 2**27
 
-        logp[b, t] = z[b, t, tokens[b, t]] - logsumexp_v z[b, t, v],   z = logits / temperature
+
+def _scaled_log_softmax(logits: torch.Tensor, temperature: float, support: torch.Tensor | None) -> torch.Tensor:
+    """log softmax(logits / temperature) over the ``support`` ids (the others get -inf), in at least fp32."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = _at_least_fp32(logits)
+    if temperature != 1.0:
+        z = z / temperature
+    if support is not None:
+        z = z.masked_fill(~support.to(z.device), float("-inf"))
+    return torch.log_softmax(z, dim=-1)
+
+
+def _row_chunks(logits: torch.Tensor) -> list[slice]:
+    """Slices of the leading dimension. Under autograd all rows at once (the backward keeps the fp32
+    log-softmax anyway); without, as many rows as fit in ``_NO_GRAD_CHUNK_ELEMENTS``."""
+    rows = logits.shape[0]
+    if logits.requires_grad and torch.is_grad_enabled() or rows == 0:
+        return [slice(None)]
+    step = max(1, _NO_GRAD_CHUNK_ELEMENTS // max(1, logits[0].numel()))
+    return [slice(i, i + step) for i in range(0, rows, step)]
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, support: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Log-probability of ``tokens`` under ``softmax(logits / temperature)`` over the ``support`` ids.
+
+        logp[b, t] = z[b, t, tokens[b, t]] - logsumexp_{v in support} z[b, t, v],   z = logits / temperature
 
     ``logits`` ``(B, T, V)``, ``tokens`` ``(B, T)`` -> ``(B, T)``, differentiable.
 
-    ``temperature`` must be the one the responses were sampled with, so that the PPO
-    ratio and the KL refer to the distribution that actually produced the tokens.
+    ``temperature`` and ``support`` (a ``(V,)`` bool mask, None: every id) must be those the
+    responses were sampled with (`rlhfkit.generate.sampling_support`), so that the PPO ratio and the
+    KL refer to the distribution that actually produced the tokens. A token outside the support
+    gets -inf (it cannot have been sampled; the losses zero padded positions before using them).
 
-    Precision: bf16/fp16 logits are UPCAST to fp32 (a bf16 log-softmax is off by
-    ~1e-2 nats); the result is fp32 (fp64 stays fp64). Memory: no full log-softmax is
-    built; we take ``logsumexp`` and gather the chosen token's logit, one row at a time,
-    so under ``torch.no_grad()`` (old / reference log-probs) the extra fp32 memory is
-    one ``(T, V)`` row. Under autograd the upcast rows are kept for the backward pass.
+    Precision: bf16/fp16 logits are UPCAST to fp32 (a bf16 log-softmax is off by ~1e-2 nats);
+    the result is fp32 (fp64 stays fp64). Memory: one ``log_softmax(...).gather``; without
+    autograd (old / reference log-probs) it runs on chunks of rows so that the fp32 copy stays
+    under ~512 MB.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} do not align"
         )
-    rows = []
-    for row_logits, row_tokens in zip(logits, tokens):
-        z = _at_least_fp32(row_logits)
-        if temperature != 1.0:
-            z = z / temperature
-        chosen = z.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)
-        rows.append(chosen - torch.logsumexp(z, dim=-1))
-    return torch.stack(rows)
+    return torch.cat([
+        _scaled_log_softmax(logits[rows], temperature, support).gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1)
+        for rows in _row_chunks(logits)
+    ])  # fmt: skip
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of ``softmax(logits / temperature)`` per position: ``(B, T, V) -> (B, T)``.
+def entropy_from_logits(
+    logits: torch.Tensor, temperature: float = 1.0, support: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` over the ``support`` ids per position: ``(B, T, V) -> (B, T)``.
 
-        H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v,   p = softmax(z)
+        H = -sum_v p_v log p_v   (ids outside the support have p_v = 0 and add nothing)
 
-    Upcasts to fp32 and goes one row at a time, like ``logprobs_from_logits``.
+    Upcasts to fp32 and chunks like ``logprobs_from_logits``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = []
-    for row_logits in logits:
-        z = _at_least_fp32(row_logits)
-        if temperature != 1.0:
-            z = z / temperature
-        p = torch.softmax(z, dim=-1)
-        rows.append(torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1))
-    return torch.stack(rows)
+    out = []
+    for rows in _row_chunks(logits):
+        logp = _scaled_log_softmax(logits[rows], temperature, support)
+        p = logp.exp()
+        if support is not None:  # p * log p is 0 * -inf = nan there (and so is its gradient): use log p = 0
+            logp = logp.masked_fill(~support.to(logp.device), 0.0)
+        out.append(-(p * logp).sum(dim=-1))
+    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------- masked statistics

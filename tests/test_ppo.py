@@ -101,7 +101,7 @@ def test_rollout_truncates_after_first_eos(tiny_model_dir, reward_dir, prompts_f
     sampled = torch.tensor([[a, b, E, c, E, a], [a, b, c, a, b, c], [E, a, b, c, a, b], [a, E, P, P, P, P]])
     seen = {}
 
-    def fake_sample_ids(model, prompt_ids, attention_mask, gen, eos_id, pad_id):
+    def fake_sample_ids(model, prompt_ids, attention_mask, gen, eos_id, pad_id, **kwargs):
         seen["prompt"] = (prompt_ids, attention_mask)
         return sampled[:, :5] if prompt_ids.shape[0] == 4 else sampled  # a shorter output gets padded
 
@@ -227,7 +227,8 @@ def test_shapes_masking_and_rewards(tiny_model_dir, reward_dir, prompts_file, tm
 
 def test_recomputed_logprobs_match_sampling_distribution(tiny_model_dir, reward_dir, prompts_file, tmp_path):
     """The rollout-policy log-probs are those of the distribution the tokens were sampled from
-    (softmax of logits / temperature), even with left-padded prompts of different lengths."""
+    (softmax of logits / temperature over the ids the sampler may draw: not the pad id), even with
+    left-padded prompts of different lengths."""
     cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", generation={"max_new_tokens": 6, "temperature": 0.7})
     trainer = PPOTrainer(cfg)
     trainer.iteration_index = 0
@@ -240,6 +241,7 @@ def test_recomputed_logprobs_match_sampling_distribution(tiny_model_dir, reward_
         resp = batch.response_ids[b][batch.mask[b]]
         with torch.no_grad():
             logits = policy(input_ids=torch.cat([prompt[0], resp])[None]).logits[0, prompt.shape[1] - 1 : -1]
+        logits[:, tok.pad_token_id] = float("-inf")  # never sampled
         expected = torch.log_softmax(logits / 0.7, -1).gather(-1, resp[:, None]).squeeze(-1)
         torch.testing.assert_close(batch.old_logprobs[b, : len(resp)], expected, rtol=1e-4, atol=1e-4)
 
@@ -273,7 +275,7 @@ def test_reference_equals_policy_at_start_and_final_policy_loads(tiny_model_dir,
     trainer.logprobs_and_values(batch)
     assert not torch.equal(batch.old_logprobs, batch.ref_logprobs)
     with trainer._reference_active() as ref:
-        again = policy_logprobs(ref, batch.micro(slice(None)), 1.0)[0]
+        again = policy_logprobs(ref, batch.micro(slice(None)), 1.0, support=trainer.ac.support)[0]
     T = again.shape[1]
     torch.testing.assert_close(again[batch.mask[:, :T]], batch.ref_logprobs[:, :T][batch.mask[:, :T]])
 
@@ -282,13 +284,14 @@ def test_reference_equals_policy_at_start_and_final_policy_loads(tiny_model_dir,
 
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")  # merged, plain transformers
     assert not (tmp_path / "run" / "final" / "adapter_config.json").exists()
-    lp = policy_logprobs(final, batch.micro(slice(None)), 1.0)[0]
+    lp = policy_logprobs(final, batch.micro(slice(None)), 1.0, support=trainer.ac.support)[0]
     torch.testing.assert_close(lp[batch.mask[:, :T]], batch.old_logprobs[:, :T][batch.mask[:, :T]], rtol=1e-4, atol=1e-4)
 
 
 def test_train_top_layers_shares_the_frozen_blocks_stored_in_bf16(tiny_model_dir, reward_dir, prompts_file, tmp_path):
     """Full fine-tuning of the top block only: the block below is ONE tensor set shared by policy and
-    reference (and by critic and reward model), stored in bf16 and never updated; trained weights stay fp32."""
+    reference (and by critic and reward model) and never updated; the policy's is stored in bf16, the reward
+    model's stays in the fp32 its statistics were measured with; trained weights stay fp32."""
     from rlhfkit.models import load_causal_lm, load_tokenizer, save_model, transformer_blocks
 
     # norm weights that bf16 cannot hold exactly: a reference stored in bf16 would then differ from the policy
@@ -305,10 +308,10 @@ def test_train_top_layers_shares_the_frozen_blocks_stored_in_bf16(tiny_model_dir
     nets, ac = trainer.nets, trainer.ac
     policy_blocks, reference_blocks = transformer_blocks(ac.policy), transformer_blocks(nets.reference)
     critic_blocks, rm_blocks = ac.critic_backbone.layers, transformer_blocks(nets.reward_model.lm)
-    for shared_a, shared_b in ((policy_blocks[0], reference_blocks[0]), (critic_blocks[0], rm_blocks[0])):
+    for shared_a, shared_b, dtype in ((policy_blocks[0], reference_blocks[0], torch.bfloat16), (critic_blocks[0], rm_blocks[0], torch.float32)):
         for a, b in zip(shared_a.parameters(), shared_b.parameters(), strict=True):
-            assert a is b and not a.requires_grad and a.dtype == torch.bfloat16
-    for own_a, own_b, frozen_dtype in ((policy_blocks[1], reference_blocks[1], torch.float32), (critic_blocks[1], rm_blocks[1], torch.bfloat16)):
+            assert a is b and not a.requires_grad and a.dtype == dtype
+    for own_a, own_b, frozen_dtype in ((policy_blocks[1], reference_blocks[1], torch.float32), (critic_blocks[1], rm_blocks[1], torch.float32)):
         for a, b in zip(own_a.parameters(), own_b.parameters(), strict=True):
             assert a is not b and a.requires_grad and a.dtype == torch.float32
             assert not b.requires_grad and b.dtype == frozen_dtype  # the reference's own blocks stay as the policy's
@@ -344,11 +347,13 @@ def test_gradient_checkpointing_changes_no_number(tiny_model_dir, reward_dir, pr
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_lora_bases_are_stored_in_bf16(tiny_model_dir, reward_dir, prompts_file, tmp_path):
+def test_lora_policy_base_is_stored_in_bf16(tiny_model_dir, reward_dir, prompts_file, tmp_path):
     cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=1, lora=LORA, precision="bf16")
     trainer = PPOTrainer(cfg)
-    frozen = [p for p in trainer.ac.parameters() if not p.requires_grad]
+    frozen = [p for p in trainer.ac.policy.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    # the critic's base is the reward model's, kept in the fp32 its statistics were measured with
+    assert all(p.dtype == torch.float32 for p in trainer.ac.critic_backbone.parameters())
     assert all(p.dtype == torch.float32 for p in trainer.policy_params + trainer.critic_params)
     trainer.iteration(0)
     batch = trainer._last_batch

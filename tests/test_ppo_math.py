@@ -128,6 +128,48 @@ def test_entropy_matches_manual():
     )
 
 
+def test_logprobs_and_entropy_over_a_support_match_manual():
+    """Ids outside the support (the pad id, rows past the tokenizer) are renormalised away, as the sampler does."""
+    support = torch.tensor([True, False, True])
+    out = logprobs_from_logits(t(LOGITS), torch.tensor(TOKENS), temperature=0.7, support=support)
+    ent = entropy_from_logits(t(LOGITS), temperature=0.7, support=support)
+    for b in range(2):
+        for s in range(2):
+            kept = [LOGITS[b][s][v] for v in (0, 2)]
+            k = TOKENS[b][s]
+            if k == 1:
+                assert out[b, s].item() == float("-inf")  # cannot have been sampled
+            else:
+                assert out[b, s].item() == pytest.approx(manual_logprob(kept, k // 2, 0.7), abs=1e-6)
+            p = [math.exp(manual_logprob(kept, i, 0.7)) for i in range(2)]
+            assert ent[b, s].item() == pytest.approx(-sum(q * math.log(q) for q in p), abs=1e-6)
+
+
+def test_a_token_outside_the_support_on_padding_leaves_the_gradient_finite():
+    """Padding holds the pad id (log-prob -inf); the losses zero padded positions first, so gradients stay finite."""
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    support = torch.tensor([True, True, True, False])
+    tokens = torch.tensor([[0, 1, 2], [2, 1, 3]])  # row 2 ends with the unsupported id on padding
+    logprobs = logprobs_from_logits(logits, tokens, support=support)
+    assert logprobs[1, 2].item() == float("-inf")
+    loss, _ = policy_loss(logprobs, logprobs.detach(), torch.ones(2, 3), MASK)
+    (loss - entropy_from_logits(logits, support=support).mean()).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_no_grad_chunks_give_the_same_numbers(monkeypatch):
+    import rlhfkit.ppo_math as ppo_math
+
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(5, 4, 11), torch.randint(0, 11, (5, 4))
+    whole = logprobs_from_logits(logits, tokens, 0.8), entropy_from_logits(logits, 0.8)
+    monkeypatch.setattr(ppo_math, "_NO_GRAD_CHUNK_ELEMENTS", 2 * 4 * 11)  # two rows a chunk
+    assert len(ppo_math._row_chunks(logits)) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(logprobs_from_logits(logits, tokens, 0.8), whole[0], rtol=0, atol=0)
+        torch.testing.assert_close(entropy_from_logits(logits, 0.8), whole[1], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- masks
 
 
