@@ -262,7 +262,7 @@ class Networks:
     tokenizer: object
     rm_tokenizer: object
     rm_stats: dict
-    same_vocab: bool
+    same_vocab: bool  # the reward model reads the policy's token ids as they are (`reward.shares_tokens`)
     layout: str
     reward_split: int = 0  # the reward model's blocks below this index are shared with the critic (frozen)
 
@@ -310,15 +310,16 @@ def value_head_from_reward(rm_head: torch.nn.Linear, mean: float, std: float) ->
 
 def build_networks(cfg: PPOConfig, device) -> Networks:
     """Load the SFT policy, the reference, the reward model and the critic (see the module docstring)."""
-    from .reward import load_reward_model
+    from .reward import load_reward_model, shares_tokens
 
     policy_path = model_path_of(cfg.policy_model)
     tokenizer = load_tokenizer(policy_path, padding_side="left")
-    rm, rm_tokenizer, rm_stats = load_reward_model(cfg.reward_model, torch.float32)  # a run folder means its final/
-    if hasattr(rm.lm, "merge_and_unload"):  # an unmerged reward adapter: merge it, the reward model is frozen
-        rm.lm = rm.lm.merge_and_unload()
+    # Any sequence-classification reward model (a folder, a run folder meaning its final/, a hub id).
+    rm, rm_tokenizer, rm_stats = load_reward_model(cfg.reward_model, torch.float32)
     disable_dropout(rm)
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    # The fast path hands the reward model the policy's token ids; otherwise the text is re-encoded in its layout.
+    reads_policy_ids = shares_tokens(rm, rm_tokenizer, tokenizer)
     if cfg.critic_init == "reward" and not same_vocab:
         raise ValueError(
             f"critic_init: reward needs the reward model ({cfg.reward_model}) to share the policy's vocabulary "
@@ -355,7 +356,8 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
                 "separate frozen reward model (2 base networks)"
             )
         else:
-            reward_base_peft = apply_lora(rm.lm, cfg.lora, adapter_name=CRITIC_ADAPTER, top_layers=top)
+            # task_type None: a plain PeftModel (a sequence classifier is no causal LM); the critic reads its body.
+            reward_base_peft = apply_lora(rm.lm, cfg.lora, adapter_name=CRITIC_ADAPTER, task_type=None, top_layers=top)
             critic_backbone = backbone_and_head(reward_base_peft)[0]
             layout = (
                 "LoRA: SFT base with adapter 'policy' (reference = adapter disabled) + reward-model base with "
@@ -405,13 +407,13 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
         # weights stay fp32, and so do the reference's own copies of them: the reference then computes
         # exactly what the policy computed at the start (KL 0), not a bf16 rounding of it. The reward
         # head stays fp32, so scores are not rounded to bf16's 3 digits.
-        _store_frozen_as(torch.bfloat16, actor_critic, rm.lm)
+        _store_frozen_as(torch.bfloat16, actor_critic, backbone_and_head(rm.lm)[0])
     actor_critic.to(device)
     if reference is not None:
         reference.to(device)
     rm.to(device)
     return Networks(
-        actor_critic, reference, rm, reward_base_peft, tokenizer, rm_tokenizer, rm_stats, same_vocab, layout, reward_split
+        actor_critic, reference, rm, reward_base_peft, tokenizer, rm_tokenizer, rm_stats, reads_policy_ids, layout, reward_split
     )
 
 
@@ -703,7 +705,8 @@ class PPOTrainer:
                 texts = self.tokenizer.batch_decode(batch.response_ids.masked_fill(~batch.mask, self.tokenizer.pad_token_id), skip_special_tokens=True)
                 messages = [self._with_system(m) for m in batch.messages]
                 rm_scores = torch.tensor(
-                    score(nets.reward_model, nets.rm_tokenizer, messages, [t.strip() for t in texts], cfg.batch_size, normalise=True),
+                    score(nets.reward_model, nets.rm_tokenizer, messages, [t.strip() for t in texts], cfg.batch_size, normalise=True,
+                          complete=batch.has_eos.tolist()),  # a response cut without EOS stays cut
                     dtype=torch.float32, device=acc.device,
                 )  # fmt: skip
         check_finite("reward-model score", rm_scores, self.iteration_index + 1)
