@@ -77,6 +77,7 @@ from .models import (
     only_blocks,
     parameters_below_top_layers,
     save_model,
+    sync_model_with_tokenizer,
     train_only_top_layers,
     transformer_blocks,
 )
@@ -310,14 +311,14 @@ def value_head_from_reward(rm_head: torch.nn.Linear, mean: float, std: float) ->
 
 def build_networks(cfg: PPOConfig, device) -> Networks:
     """Load the SFT policy, the reference, the reward model and the critic (see the module docstring)."""
-    from .reward import load_reward_model, shares_tokens
+    from .reward import load_reward_model, reads_policy_vocabulary, shares_tokens
 
     policy_path = model_path_of(cfg.policy_model)
     tokenizer = load_tokenizer(policy_path, padding_side="left")
     # Any sequence-classification reward model (a folder, a run folder meaning its final/, a hub id).
     rm, rm_tokenizer, rm_stats = load_reward_model(cfg.reward_model, torch.float32)
     disable_dropout(rm)
-    same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    same_vocab = reads_policy_vocabulary(rm_tokenizer, tokenizer)
     # The fast path hands the reward model the policy's token ids; otherwise the text is re-encoded in its layout.
     reads_policy_ids = shares_tokens(rm, rm_tokenizer, tokenizer)
     if cfg.critic_init == "reward" and not same_vocab:
@@ -325,6 +326,10 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
             f"critic_init: reward needs the reward model ({cfg.reward_model}) to share the policy's vocabulary "
             "(the critic reads the policy's tokens); use critic_init: policy"
         )
+    if cfg.critic_init == "reward" and rm.lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        rm_pad = rm.lm.config.pad_token_id  # the reward model still reads its own text as before
+        sync_model_with_tokenizer(rm.lm, tokenizer)  # the policy's pad row, which the critic reads (masked)
+        rm.lm.config.pad_token_id = rm_pad
 
     policy = load_causal_lm(policy_path, tokenizer, dtype=torch.float32)  # dropout off
     lora = cfg.lora.enabled

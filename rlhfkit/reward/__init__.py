@@ -39,7 +39,16 @@ from .folder import (
 )
 from .loss import comparison_loss, pair_terms
 from .model import LAYOUT_CHAT_TEMPLATE, LAYOUT_EOS, RewardModel, build_reward_model, last_token_index, score_index
-from .scoring import encode_rows, layout_of, normalise_scores, score, score_comparisons, score_rows, shares_tokens
+from .scoring import (
+    encode_rows,
+    layout_of,
+    normalise_scores,
+    reads_policy_vocabulary,
+    score,
+    score_comparisons,
+    score_rows,
+    shares_tokens,
+)
 from .training import normalisation_stats, reference_responses, run_reward, spread_responses
 
 __all__ = [
@@ -68,6 +77,7 @@ __all__ = [
     "normalise_scores",
     "pair_terms",
     "print_evaluation",
+    "reads_policy_vocabulary",
     "reference_responses",
     "response_scores",
     "reward_model_path",

@@ -71,6 +71,16 @@ def shares_tokens(rm, rm_tokenizer, policy_tokenizer) -> bool:
     )
 
 
+def reads_policy_vocabulary(rm_tokenizer, policy_tokenizer) -> bool:
+    """Whether a network on the reward model's body can read the policy's token ids (the critic initialised
+    from it): every token of the reward model has the same id for the policy, which adds at most its pad
+    token (rlhfkit adds one when pad = EOS; a model trained elsewhere on the same base often lacks it)."""
+    rm_vocab, policy_vocab = rm_tokenizer.get_vocab(), policy_tokenizer.get_vocab()
+    if any(policy_vocab.get(token) != i for token, i in rm_vocab.items()):
+        return False
+    return set(policy_vocab) - set(rm_vocab) <= {policy_tokenizer.pad_token}
+
+
 def scoring_settings(rm, max_length=None, max_prompt_share=None, precision=None) -> tuple[int, float, str]:
     stats = getattr(rm, "stats", {}) or {}
     return (
