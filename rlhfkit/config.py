@@ -208,6 +208,10 @@ class RewardConfig(TrainingSettings):
     """Cap on reference responses scored for normalisation (a seeded sample)."""
     eval_bins: int = Field(10, ge=2)
     """Bins of the calibration table in the evaluation."""
+    cache_frozen_features: bool = False
+    """With train_top_layers: compute the output of the frozen lower blocks once per training row (the first
+    time it is seen) and start every later epoch from it, so only the top blocks run. Same loss and update;
+    pays off with epochs > 1. Costs training tokens x hidden x 4 bytes of memory (logged at the start)."""
 
 
 class RolloutSettings(GenerationSettings):

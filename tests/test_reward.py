@@ -279,6 +279,60 @@ def test_train_top_layers_freezes_the_lower_layers(tiny_model_dir, tmp_path):
     assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), changed
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_cached_frozen_features_give_the_same_losses_and_update(tiny_model_dir, tmp_path, monkeypatch, lora):
+    """train_top_layers + cache_frozen_features: the lower block runs on each training row once instead of once per
+    epoch, and every step's loss and the trained weights are those of the uncached run."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    data = write_synthetic(tmp_path / "marker.jsonl", n=40)
+    rows_through_lower_block = [0]
+    original = LlamaDecoderLayer.forward
+
+    def counting(self, *args, **kwargs):
+        if self.self_attn.layer_idx == 0:
+            rows_through_lower_block[0] += (args[0] if args else kwargs["hidden_states"]).shape[0]
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", counting)
+    runs = {}
+    for cached in (False, True):
+        rows_through_lower_block[0] = 0
+        cfg = tiny_config(tmp_path / str(cached), tiny_model_dir, data, epochs=3, train_top_layers=1, cache_frozen_features=cached,
+                          log_every=1, lora=LoraSettings(enabled=lora, r=4))  # fmt: skip
+        weights = load_reward_model(run_reward(cfg))[0].state_dict()
+        losses = [json.loads(l)["loss"] for l in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+        runs[cached] = weights, losses, rows_through_lower_block[0]
+    (plain, plain_losses, plain_rows), (fast, fast_losses, fast_rows) = runs[False], runs[True]
+    assert len(plain_losses) == len(fast_losses) >= 6 and fast_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6)
+    start = build_reward_model(str(tiny_model_dir), load_tokenizer(str(tiny_model_dir))).state_dict()
+    assert not torch.equal(plain["lm.model.layers.1.mlp.up_proj.weight"], start["lm.model.layers.1.mlp.up_proj.weight"])  # it trained
+    for k in plain:
+        torch.testing.assert_close(fast[k], plain[k], atol=1e-5, rtol=1e-5, msg=k)
+    train, _ = split_by_prompt(load_comparisons(str(data)), 0.2, seed=0)
+    train_rows = sum(len(set(c.responses)) for c in train if c.pairs())
+    # Each epoch visits 24 of the 30 comparisons (whole batches only); revisits skip block 0, which the first
+    # step runs once more to check the cache against the whole network: about one epoch of rows saved here.
+    assert plain_rows - fast_rows >= 0.75 * train_rows, (plain_rows, fast_rows, train_rows)
+
+
+def test_frozen_feature_cache_is_switched_off_when_it_would_change_the_numbers(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """A body that is more than embed + blocks + norm (simulated: features that are off) fails the first-step
+    check: the run warns and trains the whole network, as without the cache."""
+    from rlhfkit.reward.frozen_features import FrozenFeatureCache
+
+    data = write_synthetic(tmp_path / "marker.jsonl", n=24)
+    plain = load_reward_model(run_reward(tiny_config(tmp_path / "a", tiny_model_dir, data, max_steps=2, train_top_layers=1)))[0].state_dict()
+    original = FrozenFeatureCache.batch
+    monkeypatch.setattr(FrozenFeatureCache, "batch", lambda self, *a: original(self, *a) * 1.5)
+    cfg = tiny_config(tmp_path / "b", tiny_model_dir, data, max_steps=2, train_top_layers=1, cache_frozen_features=True)
+    with caplog.at_level("WARNING", logger="rlhfkit.reward"):
+        fast = load_reward_model(run_reward(cfg))[0].state_dict()
+    assert "cache_frozen_features is switched off" in caplog.text
+    for k in plain:
+        torch.testing.assert_close(fast[k], plain[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
 # ----------------------------------------------------------------------------- commands
 
 

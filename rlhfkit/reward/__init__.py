@@ -14,6 +14,7 @@ the raw score. Any other sequence-classification reward model (TRL, the hub) is 
     scoring.py     raw and normalised scores; when the policy's token ids can be reused
     evaluation.py  accuracy, length baseline, calibration
     training.py    `rlhfkit reward`: train, measure the normalisation, save
+    frozen_features.py  with train_top_layers: the lower blocks' output cached per row, reused across epochs
     commands.py    `rlhfkit score`, `rlhfkit reward-eval`, `rlhfkit reward-convert`
 """
 

@@ -22,6 +22,7 @@ from ..models import (
     backbone_and_head,
     disable_dropout,
     load_causal_lm,
+    only_blocks,
     resolve_model,
     sync_model_with_tokenizer,
     train_only_top_layers,
@@ -87,16 +88,32 @@ class RewardModel(torch.nn.Module):
     def pad_token_id(self) -> int | None:
         return self.lm.config.pad_token_id
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, frozen: torch.Tensor | None = None, split: int = 0) -> torch.Tensor:
+        """Scores of the rows; with `frozen` (`frozen_features(..., split)` of these rows) only the blocks
+        from `split` up run."""
         backbone = backbone_and_head(self.lm)[0]
         # Positions count real tokens only, so a left-padded row sees the same positions as a right-padded one.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        if frozen is None:
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        else:
+            with only_blocks(backbone, split):
+                hidden = backbone(
+                    inputs_embeds=frozen, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                ).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         at = score_index(input_ids, attention_mask, self.pad_token_id).to(hidden.device)
         return self.score_hidden(hidden[rows, at])
+
+    @torch.no_grad()
+    def frozen_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int) -> torch.Tensor:
+        """The output of the lower `split` blocks, ``(B, T, H)``: what `forward(..., frozen, split)` continues from."""
+        backbone = backbone_and_head(self.lm)[0]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with only_blocks(backbone, 0, split):
+            return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
 
     def score_hidden(self, last: torch.Tensor) -> torch.Tensor:
         """Scores from the final hidden states at the score positions, ``(B, H) -> (B,)``."""

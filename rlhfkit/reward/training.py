@@ -19,7 +19,7 @@ import torch
 from ..config import RewardConfig
 from ..data import Comparison, Demonstration, load_comparisons, load_demonstrations, split_by_prompt
 from ..generate import model_path_of
-from ..models import enable_activation_checkpointing, load_tokenizer, resolve_model
+from ..models import enable_activation_checkpointing, load_tokenizer, resolve_model, transformer_blocks
 from ..training import (
     DataPlan,
     RunDir,
@@ -34,6 +34,7 @@ from ..training import (
 from .encoding import EncodedComparison, encode_comparison, response_scores, rows_to_batch
 from .evaluation import comparison_metrics, flat_metrics
 from .folder import save_reward_model
+from .frozen_features import FrozenFeatureCache, cache_size_bytes
 from .loss import comparison_loss, pair_terms
 from .model import LAYOUT_EOS, RewardModel, build_reward_model
 from .scoring import score, score_rows
@@ -154,11 +155,21 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
     scheduler = make_scheduler(optimizer, cfg, total_steps_for(plan, cfg))
     wrapped, optimizer, scheduler = accelerator.prepare(rm, optimizer, scheduler)
     pad_id = tokenizer.pad_token_id
+    cache = None
+    if cfg.cache_frozen_features and cfg.train_top_layers:
+        cache = FrozenFeatureCache(len(transformer_blocks(rm.lm)) - cfg.train_top_layers)
+        size = cache_size_bytes(plan.items, rm.lm.config.hidden_size)
+        log.info("frozen-feature cache: the output of the lower %d blocks, about %.2f GB once every row is seen", cache.split, size / 1e9)
 
     def loss_fn(module, micro: list[EncodedComparison]):
+        nonlocal cache
         rows = [r for e in micro for r in e.rows]
         batch = rows_to_batch(rows, pad_id, device=accelerator.device)
-        scores = module(**batch)
+        if cache is not None:
+            frozen = cache.batch(rm, micro, batch)
+            if not cache.checked and not cache.check(rm, batch, frozen):
+                cache = None
+        scores = module(**batch) if cache is None else module(**batch, frozen=frozen, split=cache.split)
         loss_sum, stats = comparison_loss(scores, pair_terms(micro, accelerator.device), cfg.centering_coef)
         stats["tokens"] = float(batch["attention_mask"].sum().item())
         stats["pairs"] = float(sum(len(e.pairs) for e in micro))
