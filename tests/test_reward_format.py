@@ -143,7 +143,7 @@ def test_lora_run_saves_the_merged_standard_form(tiny_model_dir, tmp_path, caplo
         for name, p in lora_rm.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
                 p.normal_(0, 0.1)
-    lora_rm.lm.save_pretrained(tmp_path / "adapter")
+    lora_rm.lm.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)  # the added pad row
     tok.save_pretrained(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
@@ -310,7 +310,7 @@ def test_an_earlier_rlhfkit_folder_loads_and_converts(tiny_model_dir, tmp_path, 
 
 
 def test_what_is_not_a_reward_model_fails_clearly(tiny_model_dir, tmp_path):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
     from typer.testing import CliRunner
 
     from rlhfkit.cli import app
@@ -322,6 +322,11 @@ def test_what_is_not_a_reward_model_fails_clearly(tiny_model_dir, tmp_path):
     LlamaForSequenceClassification(config).save_pretrained(three)
     with pytest.raises(NotARewardModelError, match=rf"{three}: a sequence-classification model with num_labels=3"):
         load_reward_model(three)
+    encoder = tmp_path / "encoder"  # one label, but a pooled encoder head: not read at the last token
+    BertForSequenceClassification(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, num_labels=1)).save_pretrained(encoder)  # fmt: skip
+    with pytest.raises(NotARewardModelError, match=rf"{encoder}: BertForSequenceClassification has no linear `score` head"):
+        load_reward_model(encoder)
     legacy = tmp_path / "half-legacy"
     legacy.mkdir()
     (legacy / "reward_head.safetensors").write_bytes(b"")

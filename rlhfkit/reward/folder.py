@@ -165,8 +165,13 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32) -> t
         except OSError as e:
             raise FileNotFoundError(f"{name}: no reward model there (not a folder with config.json, nor a hub id in the HF cache): {e}") from e
         check_reward_config(config, name)
-        tokenizer = _reward_tokenizer(name)
         model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name), dtype=dtype)
+        tokenizer = None
+    try:
+        score_head(model)
+    except ValueError as e:
+        raise NotARewardModelError(f"{name}: {e}") from e
+    tokenizer = tokenizer or _reward_tokenizer(name)
     stats = dict(getattr(model.config, STATS_KEY, None) or {})
     if "mean" not in stats or "std" not in stats:
         log.warning("%s has no normalisation statistics (config.json `%s`): its scores are used raw", name, STATS_KEY)

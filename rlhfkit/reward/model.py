@@ -54,18 +54,18 @@ def score_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token
 
 
 def score_head(model: PreTrainedModel) -> torch.nn.Linear:
-    """The classification head of a sequence-classification model (`score` in decoder models); while LoRA
-    trains, the copy peft trains in its ModulesToSaveWrapper; under PPO's critic adapters ("all-linear"
-    wraps the head too), the head's own weights (the reward model is always read with the adapters off)."""
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        copies = getattr(head, "modules_to_save", None)
-        if copies is not None and head.active_adapter in copies:
-            head = copies[head.active_adapter]
-        head = getattr(head, "base_layer", head)
-        if isinstance(head, torch.nn.Linear):
-            return head
-    raise ValueError(f"{type(model).__name__}: no linear `score` head; rlhfkit reads decoder reward models (…ForSequenceClassification)")
+    """The `score` head of a decoder sequence-classification model (Llama, Qwen, Mistral, GPT-2, ...: a linear
+    layer read at the last token; encoders' `classifier` heads pool otherwise and are not read). While LoRA
+    trains, the copy peft trains in its ModulesToSaveWrapper; under PPO's critic adapters ("all-linear" wraps
+    the head too), the head's own weights (the reward model is always read with the adapters off)."""
+    head = getattr(model, "score", None)
+    copies = getattr(head, "modules_to_save", None)
+    if copies is not None and head.active_adapter in copies:
+        head = copies[head.active_adapter]
+    head = getattr(head, "base_layer", head)
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear `score` head read at the last token: rlhfkit reads decoder reward models")
+    return head
 
 
 class RewardModel(torch.nn.Module):
