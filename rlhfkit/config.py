@@ -57,7 +57,8 @@ class TrainingSettings(Section):
     """Train only the top N transformer blocks (and the final norm); 0 trains all. Lower blocks then
     need no backward pass, about 2x faster per step on CPU for N = L/4. With LoRA, only the top N blocks
     get adapters. In PPO the frozen blocks are shared by policy and reference (and by critic and reward
-    model), and their output is computed once per rollout (`cache_frozen_activations`)."""
+    model), and their output is computed once per rollout (`cache_frozen_activations`); the reward model can
+    compute it once per training row (`cache_frozen_features`)."""
     group_by_length: bool = False
     """Batch examples of similar length together (sorted within random windows of 32 global batches),
     so less padding is computed: often 20-30% faster on data of mixed lengths. The order stays a pure
