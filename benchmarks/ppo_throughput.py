@@ -68,16 +68,16 @@ def prepare(args, work: Path) -> dict:
 
     from rlhfkit.data import load_prompts, write_jsonl
     from rlhfkit.models import load_causal_lm, load_tokenizer, save_model
-    from rlhfkit.reward import RewardModel, save_reward_model
+    from rlhfkit.reward import build_reward_model, save_reward_model
     from rlhfkit.tokens import encode_prompt
 
     policy_dir, reward_dir = work / "policy", work / "reward"
     tokenizer = load_tokenizer(args.model)
     if not (policy_dir / "config.json").exists():
         save_model(load_causal_lm(args.model, tokenizer), tokenizer, policy_dir)
-    if not (reward_dir / "reward_stats.json").exists():
+    if not (reward_dir / "config.json").exists():
         torch.manual_seed(0)
-        rm = RewardModel(load_causal_lm(str(policy_dir), tokenizer))
+        rm = build_reward_model(str(policy_dir), tokenizer)
         save_reward_model(rm, tokenizer, reward_dir, {"mean": 0.0, "std": 1.0, "base_model": args.model, "lora": False})
     needed = args.prompts * (args.iterations + args.warmup)
     prompts, ids = [], []

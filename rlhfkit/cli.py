@@ -129,7 +129,9 @@ def reward(ctx: typer.Context, config: Optional[Path] = ConfigOpt):
     typer.echo(f"reward model: {out}\nmetrics: {Path(cfg.output_dir) / 'metrics.jsonl'} (TensorBoard: {Path(cfg.output_dir) / 'tb'})")
 
 
-RewardModelOpt = typer.Option(..., "--reward-model", "-m", help="Reward model folder (or its run folder).")
+RewardModelOpt = typer.Option(
+    ..., "--reward-model", "-m", help="Reward model: a folder, its run folder, or a hub id in the HF cache (any sequence-classification model with one label)."
+)
 
 
 @app.command()
@@ -141,10 +143,10 @@ def score(
     raw: bool = typer.Option(False, "--raw", help="Write raw scores instead of normalised ones."),
 ):
     """Score responses with a reward model: one line per comparison, or one score per response."""
-    from .reward import run_score
+    from .reward import NotARewardModelError, run_score
 
     _setup_logging()
-    out = _run_guarded(lambda: run_score(reward_model, input, output, batch_size, normalise=not raw))
+    out = _run_guarded(lambda: run_score(reward_model, input, output, batch_size, normalise=not raw), (NotARewardModelError,))
     typer.echo(f"scores: {out}")
 
 
@@ -158,13 +160,26 @@ def reward_eval(
     bins: int = typer.Option(10, help="Bins of the calibration table."),
 ):
     """Pairwise accuracy (overall, per source), margin and calibration of a reward model, next to the length baseline."""
-    from .reward import print_evaluation, run_reward_eval
+    from .reward import NotARewardModelError, print_evaluation, run_reward_eval
 
     _setup_logging()
-    metrics = _run_guarded(lambda: run_reward_eval(reward_model, data, output, batch_size, max_comparisons, bins))
+    metrics = _run_guarded(lambda: run_reward_eval(reward_model, data, output, batch_size, max_comparisons, bins), (NotARewardModelError,))
     print_evaluation(metrics)
     if output:
         typer.echo(f"metrics: {output}")
+
+
+@app.command("reward-convert")
+def reward_convert(
+    old: str = typer.Argument(..., help="A reward-model folder of an earlier rlhfkit (with reward_head.safetensors)."),
+    new: str = typer.Argument(..., help="Where to write it in the standard form (AutoModelForSequenceClassification)."),
+):
+    """Rewrite an earlier rlhfkit reward-model folder in the Hugging Face standard form (same normalised scores)."""
+    from .reward import NotARewardModelError, run_reward_convert
+
+    _setup_logging()
+    out = _run_guarded(lambda: run_reward_convert(old, new), (NotARewardModelError,))
+    typer.echo(f"reward model: {out}")
 
 
 @app.command(context_settings=OVERRIDES)
@@ -275,15 +290,15 @@ def config_doc(step: str = typer.Argument(..., help="Which config: " + ", ".join
     typer.echo("\n".join(describe(classes[step])))
 
 
-def _run_guarded(fn):
-    """Run a step; known user errors become one red line instead of a traceback."""
+def _run_guarded(fn, also: tuple = ()):
+    """Run a step; known user errors (and those of `also`) become one red line instead of a traceback."""
     from .data import DataError
     from .models import ModelNotFoundError
     from .training import NonFiniteError
 
     try:
         return fn()
-    except (DataError, ModelNotFoundError, NonFiniteError, ConfigError, FileNotFoundError) as e:
+    except (DataError, ModelNotFoundError, NonFiniteError, ConfigError, FileNotFoundError, *also) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1)
 

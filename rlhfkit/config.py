@@ -57,7 +57,8 @@ class TrainingSettings(Section):
     """Train only the top N transformer blocks (and the final norm); 0 trains all. Lower blocks then
     need no backward pass, about 2x faster per step on CPU for N = L/4. With LoRA, only the top N blocks
     get adapters. In PPO the frozen blocks are shared by policy and reference (and by critic and reward
-    model), and their output is computed once per rollout (`cache_frozen_activations`)."""
+    model), and their output is computed once per rollout (`cache_frozen_activations`); the reward model can
+    compute it once per training row (`cache_frozen_features`)."""
     group_by_length: bool = False
     """Batch examples of similar length together (sorted within random windows of 32 global batches),
     so less padding is computed: often 20-30% faster on data of mixed lengths. The order stays a pure
@@ -166,7 +167,8 @@ class GenerateConfig(Section):
     """Sampling settings."""
 
 class RewardConfig(TrainingSettings):
-    """Step 2: a reward model (causal-LM backbone + scalar head) trained on human comparisons."""
+    """Step 2: a reward model (the causal LM's body with a one-score head, saved as a Hugging Face
+    `*ForSequenceClassification` with num_labels=1) trained on human comparisons."""
 
     output_dir: str = "runs/reward"
     """Run folder: checkpoints, metrics (metrics.jsonl, TensorBoard), the reward model in final/."""
@@ -199,13 +201,18 @@ class RewardConfig(TrainingSettings):
     """Weight of the centring term centering_coef * (r_better + r_worse)^2 per pair (Eisenstein et al.
     2023 use 0.01; 0: off)."""
     reference_data: list[str] | str | None = None
-    """Reference responses for normalisation (demonstrations, e.g. the SFT data): after training the head
-    bias is shifted so their mean score is 0. Demonstrations whose prompts are training prompts are used
-    if there are any, else all. If unset: the best responses of the training comparisons."""
+    """Reference responses for normalisation (demonstrations, e.g. the SFT data): after training their mean
+    raw score is saved as the normalisation mean (config.json `reward_stats`), so they score 0 on average once
+    normalised. Demonstrations whose prompts are training prompts are used if there are any, else all. If
+    unset: the best responses of the training comparisons."""
     max_reference_examples: int = Field(512, ge=1)
     """Cap on reference responses scored for normalisation (a seeded sample)."""
     eval_bins: int = Field(10, ge=2)
     """Bins of the calibration table in the evaluation."""
+    cache_frozen_features: bool = False
+    """With train_top_layers: compute the output of the frozen lower blocks once per training row (the first
+    time it is seen) and start every later epoch from it, so only the top blocks run. Same loss and update;
+    pays off with epochs > 1. Costs training tokens x hidden x 4 bytes of memory (logged at the start)."""
 
 
 class RolloutSettings(GenerationSettings):
@@ -249,10 +256,12 @@ class PPOConfig(TrainingSettings):
     policy_model: str = "runs/sft"
     """The SFT model: the policy and the frozen reference start from it (a run folder, whose final/ is used, or a model folder)."""
     reward_model: str = "runs/reward"
-    """The reward model of step 2: its folder (or its run folder, whose final/ is used)."""
+    """The reward model: step 2's folder (or its run folder, whose final/ is used), or any sequence-classification
+    reward model with num_labels=1 (a TRL RewardTrainer output, a hub id in the HF cache)."""
     critic_init: Literal["reward", "policy"] = "reward"
-    """Where the value model starts: 'reward' = the reward model's LM and head (the head rescaled so that it
-    predicts normalised scores), 'policy' = the SFT policy's LM with a new head."""
+    """Where the value model starts: 'reward' = the reward model's body and head (the head rescaled so that it
+    predicts normalised scores; the reward model must read the policy's vocabulary), 'policy' = the SFT
+    policy's LM with a new head."""
     cache_frozen_activations: bool = True
     """With train_top_layers: compute the output of the frozen lower blocks once per rollout (for the policy
     and reference, and for the reward model and critic) and start every later pass from it, instead of
@@ -539,7 +548,7 @@ class EvaluateConfig(Section):
     rlhf_model: str = "runs/ppo"
     """The RLHF (PPO) policy: a run folder, whose final/ is used, or a model folder."""
     reward_model: str = "runs/reward"
-    """The reward model PPO optimised (a reward-model folder or its run folder)."""
+    """The reward model PPO optimised (a reward-model folder, its run folder, or a hub id in the HF cache)."""
     judge_reward_model: str | None = None
     """A second reward model that PPO never saw (e.g. trained on other comparisons), for an independent win rate
     (None: no judge)."""

@@ -35,7 +35,7 @@ from .config import EvaluateConfig, save_config
 from .generate import Sample, generate_responses, load_for_inference, model_path_of, sampling_support
 from .models import backbone_and_head
 from .ppo_math import logprobs_from_logits
-from .tokens import encode_prompt, encode_response, pad, truncate
+from .tokens import encode_prompt, pad
 
 log = logging.getLogger("rlhfkit.evaluate")
 
@@ -124,19 +124,16 @@ def _summary(samples: list[Sample], scores: list[float], judge: list[float] | No
     }
 
 
-def reward_rows(rm_tok, stats: dict, samples: list[Sample], prompt_ids: list[list[int]], conversations: list[list[dict]], same_vocab: bool) -> list[list[int]]:
-    """What the reward model reads for each response, as in PPO's scoring: with the policy's vocabulary, the
-    policy's own prompt and response token ids (the EOS only if the response ended; a response cut at
-    max_new_tokens is scored as cut); else the text re-tokenised with the reward model's tokenizer (EOS
-    likewise only if it ended), truncated like the reward model's training rows."""
+def reward_rows(rm, rm_tok, samples: list[Sample], prompt_ids: list[list[int]], conversations: list[list[dict]], same_vocab: bool) -> list[list[int]]:
+    """What the reward model reads for each response, as in PPO's scoring: when it shares the policy's tokens
+    (`reward.shares_tokens`), the policy's own prompt and response token ids (the EOS only if the response
+    ended; a response cut at max_new_tokens is scored as cut); else the text re-encoded in the reward
+    model's own layout and chat template (a cut response likewise stays cut), truncated like its training rows."""
+    from .reward import encode_rows
+
     if same_vocab:
         return [p + s.token_ids for p, s in zip(prompt_ids, samples)]
-    max_length, share = stats.get("max_length", 512), stats.get("max_prompt_share", 0.5)
-    rows = []
-    for conv, s in zip(conversations, samples):
-        prompt, response, _ = truncate(encode_prompt(rm_tok, conv), encode_response(rm_tok, s.text, add_eos=s.has_eos), max_length, share)
-        rows.append(prompt + response)
-    return rows
+    return encode_rows(rm, rm_tok, conversations, [s.text for s in samples], [s.has_eos for s in samples])
 
 
 def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -159,7 +156,7 @@ def _free() -> None:
 def evaluate_policies(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict, list[dict]]:
     """(metrics for eval.json, one record per prompt for eval_samples.jsonl)."""
     from .data import load_comparisons, load_prompts
-    from .reward import evaluate_reward_model, load_reward_model, normalise_scores, reward_model_path, score_rows
+    from .reward import evaluate_reward_model, load_reward_model, normalise_scores, reward_model_path, score_rows, shares_tokens
 
     t0 = time.time()
     gen = cfg.generation
@@ -206,9 +203,9 @@ def evaluate_policies(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict,
         rm, rm_tok, stats = load_reward_model(path, dtype)
         if torch.cuda.is_available():
             rm = rm.cuda()
-        same_vocab = rm_tok.get_vocab() == tok.get_vocab()
+        same_vocab = shares_tokens(rm, rm_tok, tok)
         for name in POLICIES:
-            rows = reward_rows(rm_tok, stats, samples[name], prompt_ids, conversations, same_vocab)
+            rows = reward_rows(rm, rm_tok, samples[name], prompt_ids, conversations, same_vocab)
             scored[role][name] = normalise_scores(score_rows(rm, rows, rm_tok.pad_token_id, cfg.batch_size), stats)
         if comparisons:
             accuracy[role] = {"data": cfg.comparisons, **evaluate_reward_model(rm, rm_tok, comparisons, cfg.batch_size)}

@@ -118,13 +118,18 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel 
 
 def sync_model_with_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Grow the embeddings if the tokenizer has tokens the model lacks, and copy the special ids."""
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if old_rows < len(tokenizer):
         # Exactly len(tokenizer) rows: padding the vocabulary up would add ids that are no token
-        # and that sampling could pick. The new rows (the pad token) start at the mean embedding.
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        # and that sampling could pick. The new rows (the pad token) start at the mean embedding, exactly
+        # (transformers' mean_resizing samples around it: two loads of one model would differ).
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+                emb.weight[old_rows:] = emb.weight[:old_rows].mean(0)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:  # sequence classifiers have none
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 

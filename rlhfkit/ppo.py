@@ -80,6 +80,7 @@ from .models import (
     only_blocks,
     parameters_below_top_layers,
     save_model,
+    sync_model_with_tokenizer,
     train_only_top_layers,
     transformer_blocks,
 )
@@ -99,7 +100,7 @@ from .ppo_math import (
     value_loss,
 )
 from .sft import ResponseLoss, batch_to_inputs, trained_tokens
-from .tokens import encode_example, encode_prompt, encode_response, pad, truncate
+from .tokens import encode_example, encode_prompt, pad
 from .training import (
     Checkpointer,
     DataPlan,
@@ -275,7 +276,7 @@ class Networks:
     tokenizer: object
     rm_tokenizer: object
     rm_stats: dict
-    same_vocab: bool
+    same_vocab: bool  # the reward model reads the policy's token ids as they are (`reward.shares_tokens`)
     layout: str
     reward_split: int = 0  # the reward model's blocks below this index are shared with the critic (frozen)
 
@@ -323,20 +324,25 @@ def value_head_from_reward(rm_head: torch.nn.Linear, mean: float, std: float) ->
 
 def build_networks(cfg: PPOConfig, device) -> Networks:
     """Load the SFT policy, the reference, the reward model and the critic (see the module docstring)."""
-    from .reward import load_reward_model
+    from .reward import load_reward_model, reads_policy_vocabulary, shares_tokens
 
     policy_path = model_path_of(cfg.policy_model)
     tokenizer = load_tokenizer(policy_path, padding_side="left")
-    rm, rm_tokenizer, rm_stats = load_reward_model(cfg.reward_model, torch.float32)  # a run folder means its final/
-    if hasattr(rm.lm, "merge_and_unload"):  # an unmerged reward adapter: merge it, the reward model is frozen
-        rm.lm = rm.lm.merge_and_unload()
+    # Any sequence-classification reward model (a folder, a run folder meaning its final/, a hub id).
+    rm, rm_tokenizer, rm_stats = load_reward_model(cfg.reward_model, torch.float32)
     disable_dropout(rm)
-    same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    same_vocab = reads_policy_vocabulary(rm_tokenizer, tokenizer)
+    # The fast path hands the reward model the policy's token ids; otherwise the text is re-encoded in its layout.
+    reads_policy_ids = shares_tokens(rm, rm_tokenizer, tokenizer)
     if cfg.critic_init == "reward" and not same_vocab:
         raise ValueError(
             f"critic_init: reward needs the reward model ({cfg.reward_model}) to share the policy's vocabulary "
             "(the critic reads the policy's tokens); use critic_init: policy"
         )
+    if cfg.critic_init == "reward" and rm.lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        rm_pad = rm.lm.config.pad_token_id  # the reward model still reads its own text as before
+        sync_model_with_tokenizer(rm.lm, tokenizer)  # the policy's pad row, which the critic reads (masked)
+        rm.lm.config.pad_token_id = rm_pad
 
     policy = load_causal_lm(policy_path, tokenizer, dtype=torch.float32)  # dropout off
     lora = cfg.lora.enabled
@@ -368,7 +374,8 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
                 "separate frozen reward model (2 base networks)"
             )
         else:
-            reward_base_peft = apply_lora(rm.lm, cfg.lora, adapter_name=CRITIC_ADAPTER, top_layers=top)
+            # task_type None: a plain PeftModel (a sequence classifier is no causal LM); the critic reads its body.
+            reward_base_peft = apply_lora(rm.lm, cfg.lora, adapter_name=CRITIC_ADAPTER, task_type=None, top_layers=top)
             critic_backbone = backbone_and_head(reward_base_peft)[0]
             layout = (
                 "LoRA: SFT base with adapter 'policy' (reference = adapter disabled) + reward-model base with "
@@ -428,7 +435,7 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
         reference.to(device)
     rm.to(device)
     return Networks(
-        actor_critic, reference, rm, reward_base_peft, tokenizer, rm_tokenizer, rm_stats, same_vocab, layout, reward_split
+        actor_critic, reference, rm, reward_base_peft, tokenizer, rm_tokenizer, rm_stats, reads_policy_ids, layout, reward_split
     )
 
 
@@ -724,12 +731,17 @@ class PPOTrainer:
                 for rows in self._rollout_micro_batches(batch):
                     micro = batch.micro(rows)
                     raw[rows] = reward_scores(nets.reward_model, micro, micro.get("reward_frozen") if split else None, split)
-            else:  # another vocabulary: decode and re-tokenise with the reward model's tokenizer
-                from .reward import score_rows
+            else:  # another vocabulary: the text, re-encoded with the reward model's own tokenizer and chat template
+                from .reward import score
 
-                rows = self._reward_rows_from_text(batch)
-                raw = torch.tensor(score_rows(nets.reward_model, rows, nets.rm_tokenizer.pad_token_id, cfg.batch_size, rm_precision),
-                                   dtype=torch.float32, device=acc.device)  # fmt: skip
+                texts = self.tokenizer.batch_decode(batch.response_ids.masked_fill(~batch.mask, self.tokenizer.pad_token_id), skip_special_tokens=True)
+                messages = [self._with_system(m) for m in batch.messages]
+                raw = torch.tensor(
+                    score(nets.reward_model, nets.rm_tokenizer, messages, [t.strip() for t in texts], cfg.batch_size, normalise=False,
+                          complete=batch.has_eos.tolist(),  # a response cut without EOS stays cut
+                          max_length=cfg.reward_max_length, precision=rm_precision),
+                    dtype=torch.float32, device=acc.device,
+                )  # fmt: skip
         std = float(nets.rm_stats.get("std", 1.0)) or 1.0
         rm_scores = (raw - float(nets.rm_stats.get("mean", 0.0))) / std
         check_finite("reward-model score", rm_scores, self.iteration_index + 1)
@@ -751,20 +763,6 @@ class PPOTrainer:
         elif cfg.missing_eos == "subtract":
             scores = scores - missing.float() * cfg.missing_eos_penalty
         batch.rm_scores, batch.scores = rm_scores, scores
-
-    def _reward_rows_from_text(self, batch: Rollout) -> list[list[int]]:
-        """What a reward model with another vocabulary reads: the prompt and the response text re-tokenised with
-        its tokenizer, the EOS only if the response ended (a response cut at max_new_tokens is scored as cut, as
-        with the policy's own ids and in `rlhfkit evaluate`), truncated to reward_max_length by the SFT rule."""
-        tok, rm_tok = self.tokenizer, self.nets.rm_tokenizer
-        share = float(self.nets.rm_stats.get("max_prompt_share", 0.5))
-        rows = []
-        for messages, ids, mask, has_eos in zip(batch.messages, batch.response_ids, batch.mask, batch.has_eos.tolist()):
-            text = tok.decode(ids[mask].tolist(), skip_special_tokens=True).strip()
-            prompt = encode_prompt(rm_tok, self._with_system(messages))
-            prompt, response, _ = truncate(prompt, encode_response(rm_tok, text, add_eos=has_eos), self.cfg.reward_max_length, share)
-            rows.append(prompt + response)
-        return rows
 
     def _with_system(self, messages: list) -> list:
         sp = self.cfg.generation.system_prompt

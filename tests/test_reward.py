@@ -188,13 +188,13 @@ def test_learns_a_synthetic_preference(trained):
 def test_normalisation_centres_the_reference_responses(trained):
     cfg, final, data = trained
     rm, tokenizer, stats = load_reward_model(final)
-    assert {"mean", "std", "base_model", "lora", "max_length"} <= set(stats)
+    assert {"mean", "std", "mean_measured_on", "std_measured_on", "base_model", "lora", "max_length"} <= set(stats)
     assert stats["lora"] is False and stats["max_length"] == cfg.max_length and stats["std"] > 0
     train, _ = split_by_prompt(load_comparisons(str(data)), cfg.eval_fraction, seed=cfg.seed)
     refs = [(c.messages, c.responses[i]) for c in train for i in c.ranking[0]]
+    assert "best responses" in stats["mean_measured_on"]
     raw = score(rm, tokenizer, [m for m, _ in refs], [r for _, r in refs], normalise=False)
-    assert abs(sum(raw) / len(raw)) < 1e-4 and abs(stats["mean"]) < 1e-4
-    assert abs(stats["raw_mean"]) > 1e-3  # the shift did something
+    assert sum(raw) / len(raw) == pytest.approx(stats["mean"], abs=1e-4) and abs(stats["mean"]) > 1e-3
     normalised = score(rm, tokenizer, [m for m, _ in refs], [r for _, r in refs])
     assert abs(sum(normalised) / len(normalised)) < 1e-4
     # The scale comes from all training responses, good and bad: their normalised std is 1.
@@ -212,8 +212,8 @@ def test_reference_data_sets_the_zero(trained, tmp_path, tiny_model_dir):
     demos.write_text("".join(json.dumps({"messages": c.messages + [{"role": "assistant", "content": "yes " + c.responses[-1]}]}) + "\n" for c in train[:30]))
     run_cfg = tiny_config(tmp_path, tiny_model_dir, data, reference_data=str(demos), max_steps=2)
     rm, tokenizer, stats = load_reward_model(run_reward(run_cfg))
-    raw = score(rm, tokenizer, [c.messages for c in train[:30]], ["yes " + c.responses[-1] for c in train[:30]], normalise=False)
-    assert abs(sum(raw) / len(raw)) < 1e-4 and "30 demonstrations" in stats["reference"]
+    normalised = score(rm, tokenizer, [c.messages for c in train[:30]], ["yes " + c.responses[-1] for c in train[:30]])
+    assert abs(sum(normalised) / len(normalised)) < 1e-4 and "30 demonstrations" in stats["mean_measured_on"]
 
 
 def test_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
@@ -242,30 +242,28 @@ def test_save_load_round_trip(tiny_model_dir, tmp_path, lora):
             for name, p in rm.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.05)
-    rm.head.bias.data.fill_(0.3)
+        assert rm.head.weight.requires_grad  # peft trains the score head in full (modules_to_save)
     prompts = [user(f"question {i}") for i in range(5)]
     responses = [" ".join(WORDS[i : i + 6]) for i in range(5)]
     stats = {"mean": 0.25, "std": 2.0, "base_model": str(tiny_model_dir), "lora": lora, "max_length": 64, "max_prompt_share": 0.5}
-    rm.stats = stats
+    rm.stats.update(stats)
     before = score(rm, tokenizer, prompts, responses)
     out = save_reward_model(rm, tokenizer, tmp_path / "rm", stats)
-    assert (out / "reward_head.safetensors").exists() and (out / "config.json").exists()
-    assert (out / "adapter" / "adapter_config.json").exists() == lora
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert not (out / "reward_head.safetensors").exists() and not (out / "adapter_config.json").exists()  # LoRA merged
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+    assert config["pad_token_id"] == tokenizer.pad_token_id != tokenizer.eos_token_id
     loaded, tok2, stats2 = load_reward_model(out)
-    assert stats2 == stats and not any(m.training for m in loaded.modules())
+    assert stats2 == config["reward_stats"] == {**stats, "input_layout": "prompt+response+eos"}
+    assert not any(m.training for m in loaded.modules())
     after = score(loaded, tok2, prompts, responses)
     if lora:  # merged weights: equal up to float rounding
         assert after == pytest.approx(before, abs=1e-5)
     else:
         assert after == before
     assert score(loaded, tok2, prompts, responses, normalise=False) == pytest.approx([s * 2.0 + 0.25 for s in after], abs=1e-5)
-    if lora:  # PPO's way: the unmerged adapter on a shared base model gives the same scores
-        from peft import PeftModel
-
-        base = load_causal_lm(str(tiny_model_dir), tok2)
-        shared = RewardModel(PeftModel.from_pretrained(base, out / "adapter"), loaded.head, stats).eval()
-        assert score(shared, tok2, prompts, responses) == pytest.approx(before, abs=1e-5)
 
 
 def test_train_top_layers_freezes_the_lower_layers(tiny_model_dir, tmp_path):
@@ -274,9 +272,65 @@ def test_train_top_layers_freezes_the_lower_layers(tiny_model_dir, tmp_path):
     trained = load_reward_model(run_reward(cfg))[0].lm.state_dict()
     tokenizer = load_tokenizer(str(tiny_model_dir))
     start = load_causal_lm(str(tiny_model_dir), tokenizer).state_dict()
-    vocab = len(tokenizer) - 1  # the added pad row is initialised at random on every load; never trained
-    changed = {k for k in start if not torch.equal(start[k][:vocab], trained[k][:vocab])}
+    vocab = len(tokenizer) - 1  # the added pad row (the mean embedding) is never trained
+    body = [k for k in start if k in trained]
+    assert len(body) == len(trained) - 1 and "score.weight" in trained  # the body, and the head
+    changed = {k for k in body if not torch.equal(start[k][:vocab], trained[k][:vocab])}
     assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), changed
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_cached_frozen_features_give_the_same_losses_and_update(tiny_model_dir, tmp_path, monkeypatch, lora):
+    """train_top_layers + cache_frozen_features: the lower block runs on each training row once instead of once per
+    epoch, and every step's loss and the trained weights are those of the uncached run."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    data = write_synthetic(tmp_path / "marker.jsonl", n=40)
+    rows_through_lower_block = [0]
+    original = LlamaDecoderLayer.forward
+
+    def counting(self, *args, **kwargs):
+        if self.self_attn.layer_idx == 0:
+            rows_through_lower_block[0] += (args[0] if args else kwargs["hidden_states"]).shape[0]
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", counting)
+    runs = {}
+    for cached in (False, True):
+        rows_through_lower_block[0] = 0
+        cfg = tiny_config(tmp_path / str(cached), tiny_model_dir, data, epochs=3, train_top_layers=1, cache_frozen_features=cached,
+                          log_every=1, lora=LoraSettings(enabled=lora, r=4))  # fmt: skip
+        weights = load_reward_model(run_reward(cfg))[0].state_dict()
+        losses = [json.loads(l)["loss"] for l in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+        runs[cached] = weights, losses, rows_through_lower_block[0]
+    (plain, plain_losses, plain_rows), (fast, fast_losses, fast_rows) = runs[False], runs[True]
+    assert len(plain_losses) == len(fast_losses) >= 6 and fast_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6)
+    start = build_reward_model(str(tiny_model_dir), load_tokenizer(str(tiny_model_dir))).state_dict()
+    assert not torch.equal(plain["lm.model.layers.1.mlp.up_proj.weight"], start["lm.model.layers.1.mlp.up_proj.weight"])  # it trained
+    for k in plain:
+        torch.testing.assert_close(fast[k], plain[k], atol=1e-5, rtol=1e-5, msg=k)
+    train, _ = split_by_prompt(load_comparisons(str(data)), 0.2, seed=0)
+    train_rows = sum(len(set(c.responses)) for c in train if c.pairs())
+    # Each epoch visits 24 of the 30 comparisons (whole batches only); revisits skip block 0, which the first
+    # step runs once more to check the cache against the whole network: about one epoch of rows saved here.
+    assert plain_rows - fast_rows >= 0.75 * train_rows, (plain_rows, fast_rows, train_rows)
+
+
+def test_frozen_feature_cache_is_switched_off_when_it_would_change_the_numbers(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """A body that is more than embed + blocks + norm (simulated: features that are off) fails the first-step
+    check: the run warns and trains the whole network, as without the cache."""
+    from rlhfkit.reward.frozen_features import FrozenFeatureCache
+
+    data = write_synthetic(tmp_path / "marker.jsonl", n=24)
+    plain = load_reward_model(run_reward(tiny_config(tmp_path / "a", tiny_model_dir, data, max_steps=2, train_top_layers=1)))[0].state_dict()
+    original = FrozenFeatureCache.batch
+    monkeypatch.setattr(FrozenFeatureCache, "batch", lambda self, *a: original(self, *a) * 1.5)
+    cfg = tiny_config(tmp_path / "b", tiny_model_dir, data, max_steps=2, train_top_layers=1, cache_frozen_features=True)
+    with caplog.at_level("WARNING", logger="rlhfkit.reward"):
+        fast = load_reward_model(run_reward(cfg))[0].state_dict()
+    assert "cache_frozen_features is switched off" in caplog.text
+    for k in plain:
+        torch.testing.assert_close(fast[k], plain[k], atol=1e-6, rtol=1e-6, msg=k)
 
 
 # ----------------------------------------------------------------------------- commands

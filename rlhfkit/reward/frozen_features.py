@@ -1,0 +1,66 @@
+"""Training over cached frozen features: with `train_top_layers` the lower blocks never change, so their
+output on a training row is computed the first time the row is seen and every later epoch starts from it
+(as PPO does within a rollout with `cache_frozen_activations`). Only the top blocks then run, forward and
+backward; the loss and the update are those of the whole network (tested).
+
+The cache costs rows x tokens x hidden floats of memory (logged at the start), kept on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from .encoding import EncodedComparison, rows_to_batch
+
+log = logging.getLogger("rlhfkit.reward")
+
+
+def cache_size_bytes(items: Sequence[EncodedComparison], hidden_size: int, dtype: torch.dtype = torch.float32) -> int:
+    """Memory of the cached features of `items` once every row has been seen."""
+    return sum(item.tokens for item in items) * hidden_size * torch.empty(0, dtype=dtype).element_size()
+
+
+class FrozenFeatureCache:
+    """The output of the lower `split` blocks for each row of each training comparison, filled on first use."""
+
+    def __init__(self, split: int):
+        self.split = split
+        self.features: dict[int, list[torch.Tensor]] = {}  # id(comparison) -> one (tokens, hidden) tensor per row
+        self.checked = False
+
+    def batch(self, rm, micro: Sequence[EncodedComparison], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Frozen features of the rows of `micro` (in `batch`, right-padded), ``(B, T, H)``: the comparisons not
+        seen yet go through the lower blocks first (all of them in the first epoch: in this very batch)."""
+        new = [item for item in micro if id(item) not in self.features]
+        if new:
+            fresh_batch = batch if len(new) == len(micro) else rows_to_batch([r for item in new for r in item.rows], 0, device=batch["input_ids"].device)
+            fresh = rm.frozen_features(fresh_batch["input_ids"], fresh_batch["attention_mask"], self.split)
+            row = 0
+            for item in new:
+                self.features[id(item)] = [fresh[row + i, : len(r)].detach().cpu() for i, r in enumerate(item.rows)]
+                row += len(item.rows)
+        rows = [f for item in micro for f in self.features[id(item)]]
+        width = batch["input_ids"].shape[1]
+        out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+        for i, f in enumerate(rows):
+            out[i, : f.shape[0]] = f
+        return out.to(batch["input_ids"].device)
+
+    @torch.no_grad()
+    def check(self, rm, batch: dict[str, torch.Tensor], frozen: torch.Tensor) -> bool:
+        """Once: do the upper blocks run from the cached features give the whole network's scores? A body that
+        does more than embed, run its blocks and normalise (e.g. scales its embeddings) does not; then the
+        cache is switched off (False) and every step runs the whole network."""
+        self.checked = True
+        cached, whole = rm(**batch, frozen=frozen, split=self.split), rm(**batch)
+        if torch.allclose(cached, whole, rtol=1e-3, atol=1e-3):
+            return True
+        log.warning(
+            "%s: the upper blocks run from the frozen blocks' output differ from the whole network (max difference "
+            "%.3g); cache_frozen_features is switched off for this run", type(rm.lm).__name__, float((cached - whole).abs().max()),
+        )  # fmt: skip
+        self.features.clear()
+        return False

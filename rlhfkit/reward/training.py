@@ -1,0 +1,247 @@
+"""`rlhfkit reward`: train a reward model on comparisons, measure its normalisation, save it.
+
+One comparison (one prompt, K responses) is one item of the data plan and K forward rows: each
+response is encoded once, and all pairs of a prompt are in one batch (`loss.comparison_loss`).
+After training, the normalisation is measured (`normalisation_stats`) and saved with the model in
+the standard format (`folder.save_reward_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..config import RewardConfig
+from ..data import Comparison, Demonstration, load_comparisons, load_demonstrations, split_by_prompt
+from ..generate import model_path_of
+from ..models import enable_activation_checkpointing, load_tokenizer, resolve_model, transformer_blocks
+from ..training import (
+    DataPlan,
+    RunDir,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    save_run_config,
+    seed_everything,
+    total_steps_for,
+    train_supervised,
+)
+from .encoding import EncodedComparison, encode_comparison, response_scores, rows_to_batch
+from .evaluation import comparison_metrics, flat_metrics
+from .folder import save_reward_model
+from .frozen_features import FrozenFeatureCache, cache_size_bytes
+from .loss import comparison_loss, pair_terms
+from .model import LAYOUT_EOS, RewardModel, build_reward_model
+from .scoring import score, score_rows
+
+log = logging.getLogger("rlhfkit.reward")
+
+
+def _encode_all(tokenizer, comparisons, cfg: RewardConfig) -> tuple[list[EncodedComparison], int, int]:
+    encoded = [encode_comparison(tokenizer, c, cfg.max_length, cfg.max_prompt_share, cfg.margin_scale) for c in comparisons]
+    no_pairs = sum(1 for e in encoded if not e.pairs)
+    encoded = [e for e in encoded if e.pairs]
+    return encoded, sum(e.truncated for e in encoded), no_pairs
+
+
+def reference_responses(cfg: RewardConfig, train: Sequence[Comparison]) -> tuple[list[tuple[list[dict], str]], str]:
+    """(messages, response) pairs whose mean score is set to 0, and a description of where they came from."""
+    if cfg.reference_data is not None:
+        demos: list[Demonstration] = load_demonstrations(cfg.reference_data)
+        train_prompts = {json.dumps(c.messages) for c in train}
+        matching = [d for d in demos if json.dumps(d.messages) in train_prompts]
+        if matching:
+            chosen, what = matching, f"{len(matching)} demonstrations of training prompts from {cfg.reference_data}"
+        else:
+            log.warning("no reference demonstration has a training prompt; using all %d of %s", len(demos), cfg.reference_data)
+            chosen, what = demos, f"all {len(demos)} demonstrations of {cfg.reference_data}"
+        refs = [(d.messages, d.response) for d in chosen]
+    else:
+        refs = [(c.messages, c.responses[i]) for c in train for i in c.ranking[0]]
+        what = f"best responses of the {len(train)} training comparisons"
+    if len(refs) > cfg.max_reference_examples:
+        refs = random.Random(cfg.seed).sample(refs, cfg.max_reference_examples)
+        what += f" (sample of {cfg.max_reference_examples})"
+    return refs, what
+
+
+@torch.no_grad()
+def normalisation_stats(
+    rm: RewardModel, tokenizer, refs: Sequence[tuple[list[dict], str]], cfg: RewardConfig, batch_size: int,
+    spread: Sequence[tuple[list[dict], str]] = (),
+) -> dict:
+    """The normalisation saved with the model: `mean` = the mean raw score of the reference responses (they
+    score 0 once normalised), `std` = the standard deviation of the raw scores over `spread` (all responses
+    of the training comparisons, good and bad) when given: the references alone are often alike, and a
+    tiny std would blow normalised scores (and PPO's rewards) up. The weights are not changed: the
+    standard head has no bias, and plain transformers gives the raw score."""
+    settings = dict(max_length=cfg.max_length, max_prompt_share=cfg.max_prompt_share, precision=cfg.precision)
+
+    def raw_scores(pairs):
+        return torch.tensor(
+            score(rm, tokenizer, [m for m, _ in pairs], [r for _, r in pairs], batch_size, normalise=False, **settings),
+            dtype=torch.float64,
+        )
+
+    raw = raw_scores(refs)
+    wide = raw_scores(spread) if spread else raw
+    std = wide.std(unbiased=False).item() if len(wide) > 1 else 1.0
+    return {"mean": raw.mean().item(), "std": std if std > 0 else 1.0}
+
+
+def spread_responses(cfg: RewardConfig, train: Sequence[Comparison]) -> list[tuple[list[dict], str]]:
+    """All responses of the training comparisons (a sample), for the std of the scores."""
+    every = [(c.messages, r) for c in train for r in c.responses]
+    if len(every) > cfg.max_reference_examples:
+        every = random.Random(cfg.seed + 1).sample(every, cfg.max_reference_examples)
+    return every
+
+
+def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
+    """Train, normalise, evaluate and save; returns the final reward model folder. Resumes if interrupted."""
+    run = RunDir(cfg.output_dir)
+    if run.is_done():
+        log.info("%s is complete; nothing to do", run.final)
+        return run.final
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    if accelerator.is_main_process:
+        save_run_config(cfg, run)
+
+    base = model_path_of(cfg.model)  # an SFT run folder stands for its final model
+    tokenizer = load_tokenizer(base)
+    comparisons = load_comparisons(cfg.data, score_range=cfg.score_range)
+    if cfg.eval_data is not None:
+        train_cmp, eval_cmp = comparisons, load_comparisons(cfg.eval_data, score_range=cfg.score_range)
+    else:
+        train_cmp, eval_cmp = split_by_prompt(comparisons, cfg.eval_fraction, seed=cfg.seed)
+    eval_cmp = eval_cmp[: cfg.max_eval_comparisons]
+    train_enc, n_cut, n_empty = _encode_all(tokenizer, train_cmp, cfg)
+    eval_enc, n_cut_eval, _ = _encode_all(tokenizer, eval_cmp, cfg)
+    eval_cmp = [c for c in eval_cmp if c.pairs()]
+    n_pairs = sum(len(e.pairs) for e in train_enc)
+    log.info(
+        "reward data: %d train comparisons (%d pairs, %d rows) / %d eval comparisons; %d train and %d eval rows "
+        "truncated to %d tokens%s",
+        len(train_enc), n_pairs, sum(len(e.rows) for e in train_enc), len(eval_enc), n_cut, n_cut_eval, cfg.max_length,
+        f"; {n_empty} comparisons without a strict pair left out" if n_empty else "",
+    )  # fmt: skip
+    if not train_enc:
+        raise ValueError(f"{cfg.data}: no training comparisons with a strict pair")
+
+    # One comparison (one prompt) is one item of weight 1: the loop divides the summed per-prompt
+    # losses by the number of prompts in the global batch, so every prompt weighs the same.
+    plan = DataPlan(
+        items=train_enc,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        seed=cfg.seed,
+        weight=lambda c: 1.0,
+        length=(lambda c: max(len(r) for r in c.rows)) if cfg.group_by_length else None,  # rows pad to the longest
+    )
+    rm = build_reward_model(base, tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(rm.lm)
+    trainable = sum(p.numel() for p in rm.parameters() if p.requires_grad)
+    log.info("reward model: %s, %.1fM of %.1fM parameters trained", base, trainable / 1e6, sum(p.numel() for p in rm.parameters()) / 1e6)
+    optimizer = make_optimizer(rm, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps_for(plan, cfg))
+    wrapped, optimizer, scheduler = accelerator.prepare(rm, optimizer, scheduler)
+    pad_id = tokenizer.pad_token_id
+    cache = None
+    if cfg.cache_frozen_features and cfg.train_top_layers:
+        cache = FrozenFeatureCache(len(transformer_blocks(rm.lm)) - cfg.train_top_layers)
+        size = cache_size_bytes(plan.items, rm.lm.config.hidden_size)
+        log.info("frozen-feature cache: the output of the lower %d blocks, about %.2f GB once every row is seen", cache.split, size / 1e9)
+
+    def loss_fn(module, micro: list[EncodedComparison]):
+        nonlocal cache
+        rows = [r for e in micro for r in e.rows]
+        batch = rows_to_batch(rows, pad_id, device=accelerator.device)
+        if cache is not None:
+            frozen = cache.batch(rm, micro, batch)
+            if not cache.checked and not cache.check(rm, batch, frozen):
+                cache = None
+        scores = module(**batch) if cache is None else module(**batch, frozen=frozen, split=cache.split)
+        loss_sum, stats = comparison_loss(scores, pair_terms(micro, accelerator.device), cfg.centering_coef)
+        stats["tokens"] = float(batch["attention_mask"].sum().item())
+        stats["pairs"] = float(sum(len(e.pairs) for e in micro))
+        return loss_sum, stats
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        wrapped.eval()
+        idx = list(range(accelerator.process_index, len(eval_enc), accelerator.num_processes))
+        rows = [r for i in idx for r in eval_enc[i].rows]
+        flat = score_rows(wrapped, rows, pad_id, cfg.batch_size * 2, cfg.precision) if rows else []
+        mine, k = {}, 0
+        for i in idx:
+            n = len(eval_enc[i].rows)
+            mine[i] = flat[k : k + n]
+            k += n
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            gathered = gather_object([mine])
+            mine = {i: s for part in gathered for i, s in part.items()}
+        # Rows are distinct responses; map back to response order for the metrics.
+        scores = [response_scores(eval_cmp[i], mine[i]) for i in range(len(eval_enc))]
+        out = flat_metrics(comparison_metrics(eval_cmp, scores, cfg.eval_bins)) if eval_enc else {}
+        if accelerator.is_main_process and out:
+            log.info(
+                "eval loss %.4f  accuracy %.3f  (length baseline %.3f)  mean margin %.3f",
+                out["loss"], out["accuracy"], out["length_baseline_accuracy"], out["mean_margin"],
+            )  # fmt: skip
+        wrapped.train()
+        return out
+
+    result = train_supervised(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=wrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        plan=plan,
+        loss_fn=loss_fn,
+        evaluate=evaluate,
+        run=run,
+        desc="reward",
+        stop_after=stop_after,
+    )
+    if not result.finished:  # stopped early (tests simulate a crash this way)
+        return run.path
+    if accelerator.is_main_process:
+        trained: RewardModel = accelerator.unwrap_model(wrapped)
+        trained.eval()
+        refs, what = reference_responses(cfg, train_cmp)
+        spread = spread_responses(cfg, train_cmp)
+        norm = normalisation_stats(trained, tokenizer, refs, cfg, cfg.batch_size * 2, spread)
+        log.info("normalisation: mean %.4f over %s, std %.4f over %d training responses", norm["mean"], what, norm["std"], len(spread))
+        stats = {
+            **norm,
+            "mean_measured_on": what,
+            "std_measured_on": f"{len(spread)} responses (good and bad) of the training comparisons",
+            "input_layout": LAYOUT_EOS,
+            "base_model": cfg.model,
+            "base_model_path": resolve_model(base),
+            "lora": cfg.lora.enabled,
+            "max_length": cfg.max_length,
+            "max_prompt_share": cfg.max_prompt_share,
+            "precision": cfg.precision,
+            "train_comparisons": len(train_enc),
+            "train_pairs": n_pairs,
+            "steps": result.steps,
+            "eval": result.evals[-1] if result.evals else {},
+        }
+        save_reward_model(trained, tokenizer, run.final, stats)
+        if result.evals and result.evals[0]:
+            log.info("eval accuracy: first %.3f -> last %.3f", result.evals[0]["accuracy"], result.evals[-1]["accuracy"])
+    accelerator.wait_for_everyone()
+    return run.final
