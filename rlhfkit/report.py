@@ -384,7 +384,7 @@ def _ppo_samples(records: list[dict], n: int) -> str:
 
 def build_report(run_dir: str | Path, max_samples: int = 8) -> str:
     """The HTML text of the report of `run_dir`."""
-    from .evaluate import accuracy_line, eval_rows
+    from .eval_tables import accuracy_line, eval_rows
 
     run = Path(run_dir)
     if not run.is_dir():

@@ -104,6 +104,8 @@ def logistic_fit(x: Sequence[float], y: Sequence[float], ridge: float = 1e-6, it
     value = objective(a, b)
     for _ in range(iterations):
         g, h = grad_hess(a, b)
+        if h[0][0] * h[1][1] - h[0][1] ** 2 < 1e-12:  # every p at 0 or 1: nothing left to fit
+            break
         step = _solve2(h, g)
         t = 1.0
         while t > 1e-10:
@@ -119,6 +121,8 @@ def logistic_fit(x: Sequence[float], y: Sequence[float], ridge: float = 1e-6, it
 
     _, h = grad_hess(a, b)
     det = h[0][0] * h[1][1] - h[0][1] * h[1][0]
+    if det < 1e-12:
+        return a, b, [[float("nan")] * 2, [float("nan")] * 2]
     h_inv = [[h[1][1] / det, -h[0][1] / det], [-h[1][0] / det, h[0][0] / det]]
     meat = [[0.0, 0.0], [0.0, 0.0]]
     for xi, yi in zip(x, y):
@@ -149,6 +153,8 @@ def length_controlled_win_rate(a: Sequence[float], b: Sequence[float], length_a:
         raise ValueError(f"{len(y)} score pairs but {len(d)} length pairs")
     if not y:
         return {"rate": float("nan"), "stderr": float("nan"), "length_slope": float("nan"), "mean_length_difference": float("nan")}
+    if min(y) == max(y):  # A always won (or always lost, or tied): so it does at every length difference
+        return {"rate": y[0], "stderr": 0.0, "length_slope": 0.0, "mean_length_difference": mean(d)}
     spread = math.sqrt(mean([(v - mean(d)) ** 2 for v in d]))  # population std of d
     x = [v / spread if spread > 0 else 0.0 for v in d]
     theta, phi, cov = logistic_fit(x, y)

@@ -134,3 +134,10 @@ def test_agreement_and_significance():
     assert ag["prompts"] == 4 and ag["rate"] == 0.75
     assert significant(0.62, 0.05, 0.5) is True and significant(0.58, 0.05, 0.5) is False
     assert significant(-0.3, 0.1) is True and significant(None, 0.1) is None and significant(0.3, float("nan")) is None
+
+
+def test_length_controlled_when_one_side_always_wins():
+    lc = length_controlled_win_rate([2.0, 3.0, 4.0], [1.0, 1.0, 1.0], [5, 9, 2], [7, 3, 2])
+    assert (lc["rate"], lc["stderr"]) == (1.0, 0.0)
+    lc = length_controlled_win_rate([1.0, 1.0], [1.0, 1.0], [5, 9], [7, 3])
+    assert lc["rate"] == 0.5
