@@ -185,19 +185,32 @@ def test_a_missing_data_file_is_named_with_how_to_get_it(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
-def test_every_shipped_pipeline_config_finds_its_data():
-    """From the project root, as `make demo` runs: every file a shipped pipeline config names exists."""
-    from rlhfkit.pipeline import missing_data_files
+def test_every_shipped_config_finds_its_data(monkeypatch):
+    """From the project root of a fresh clone, as `make demo` runs: every data file a shipped config names exists
+    (nothing outside the project, such as ../shared), and every pipeline has a judge and other-source prompts."""
+    from rlhfkit.config import RewardConfig, SFTConfig, PPOConfig
+    from rlhfkit.data import load_comparisons, parse_spec
+    from rlhfkit.pipeline import missing_data_files, shared_prompts
 
-    for name in ("demo.yaml", "hh.yaml"):
-        cwd = os.getcwd()
-        try:
-            os.chdir(REPO)
-            cfg = load_config(PipelineConfig, REPO / "configs" / name)
-            assert missing_data_files(cfg, plan_pipeline(cfg)) == [], name
-            assert cfg.judge is not None and cfg.evaluate.other_prompts is not None, name
-        finally:
-            os.chdir(cwd)
+    monkeypatch.chdir(REPO)
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"demo.yaml", "hh.yaml", "gpu.yaml", "reward_hh.yaml"}
+    for path in configs:
+        assert "../" not in path.read_text(), f"{path.name} reads outside the project"
+        data = yaml.safe_load(path.read_text())
+        if "steps" in data:
+            cfg = load_config(PipelineConfig, path)
+            assert missing_data_files(cfg, plan_pipeline(cfg)) == [], path.name
+            assert cfg.judge is not None and "judge" in cfg.steps and cfg.evaluate.other_prompts is not None, path.name
+            assert cfg.evaluate.max_prompts >= 128, path.name
+            if cfg.judge.data is not None:  # given judge data: other prompts than the reward model's
+                assert not shared_prompts(load_comparisons(cfg.reward.data, score_range=None), load_comparisons(cfg.judge.data, score_range=None))
+            continue
+        cfg = load_config({"sft.yaml": SFTConfig, "ppo.yaml": PPOConfig}.get(path.name, RewardConfig), path)
+        for field in ("data", "eval_data", "reference_data", "prompts"):
+            value = getattr(cfg, field, None)
+            for spec in value if isinstance(value, list) else [value] if value else []:
+                assert Path(parse_spec(spec)[1]).exists(), f"{path.name}: {field}: {spec}"
 
 
 def test_a_step_without_its_inputs_says_which_step_to_run(tmp_path, tiny_model_dir):
