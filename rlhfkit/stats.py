@@ -201,10 +201,11 @@ def agreement(first: Sequence[float], second: Sequence[float]) -> dict:
 
 
 def significant(value: float | None, error: float | None, null: float = 0.0) -> bool | None:
-    """Whether `value` lies at least 2 standard errors from `null` (None if either is unknown)."""
+    """Whether `value` lies at least 2 standard errors from `null` (None if either is unknown); `null` itself never
+    does (all ties give a standard error of 0)."""
     if value is None or error is None or not math.isfinite(value) or not math.isfinite(error):
         return None
-    return abs(value - null) >= 2 * error
+    return value != null and abs(value - null) >= 2 * error
 
 
 __all__ = [

@@ -134,6 +134,7 @@ def test_agreement_and_significance():
     assert ag["prompts"] == 4 and ag["rate"] == 0.75
     assert significant(0.62, 0.05, 0.5) is True and significant(0.58, 0.05, 0.5) is False
     assert significant(-0.3, 0.1) is True and significant(None, 0.1) is None and significant(0.3, float("nan")) is None
+    assert significant(0.5, 0.0, 0.5) is False and significant(0.75, 0.0, 0.5) is True  # all ties; all wins
 
 
 def test_length_controlled_when_one_side_always_wins():
