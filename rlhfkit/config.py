@@ -8,10 +8,10 @@ Every field has a default and a docstring (the docstring is the field's document
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
@@ -549,15 +549,22 @@ class EvaluateConfig(Section):
     """The RLHF (PPO) policy: a run folder, whose final/ is used, or a model folder."""
     reward_model: str = "runs/reward"
     """The reward model PPO optimised (a reward-model folder, its run folder, or a hub id in the HF cache)."""
-    judge_reward_model: str | None = None
-    """A second reward model that PPO never saw (e.g. trained on other comparisons), for an independent win rate
-    (None: no judge)."""
+    judge_reward_model: str | None = Field(None, validation_alias=AliasChoices("judge_reward_model", "judge"))
+    """A second reward model that PPO never saw (any reward-model folder, e.g. one trained on comparisons whose
+    prompts the reward model's data does not have), for win rates PPO cannot game; also `--judge` (None: no judge)."""
     prompts: list[str] | str = "examples/data/prompts.jsonl"
     """Held-out prompts (not used in PPO training), in any prompts format, optionally format-prefixed."""
+    other_prompts: list[str] | str | None = None
+    """A second prompt set from another source than PPO's prompts (e.g. Self-Instruct or OpenAssistant prompts when
+    PPO trains on HH-RLHF), evaluated the same way and reported as its own column (None: none)."""
+    best_of_n: list[Annotated[int, Field(ge=1)]] = [4, 16]
+    """n of the best-of-n baselines: n responses per held-out prompt from the SFT policy, the reward model's favourite
+    kept and scored by the judge, shown beside PPO with its KL log n - (n-1)/n ([]: none; max(n) responses are sampled
+    once and each n uses the first n)."""
     comparisons: list[str] | str | None = None
     """Held-out comparisons for the reward model's pairwise accuracy (None: not measured)."""
-    max_prompts: int = Field(64, ge=1)
-    """Evaluate on the first N prompts."""
+    max_prompts: int = Field(128, ge=1)
+    """Evaluate on the first N prompts (of each prompt set); 128 keeps one standard error of a win rate under 0.045."""
     max_comparisons: int = Field(256, ge=0)
     """Use the first N held-out comparisons for the accuracy (0: all)."""
     precision: Literal["bf16", "fp32"] = "fp32"
@@ -596,6 +603,10 @@ class PipelineJudgeConfig(RewardConfig):
     """Folder of the step, relative to the pipeline's output_dir."""
     model: str = "base"
     """Backbone: 'base' (the pipeline's `model`), 'sft' (this pipeline's SFT model) or any model name."""
+    data: list[str] | str | None = None
+    """Comparisons; None: a split by prompt of reward.data, `judge_prompt_fraction` of its prompts for the judge and
+    the rest for the reward model (data/judge_comparisons.jsonl, data/reward_comparisons.jsonl). Given data must share
+    no prompt (opening user turn) with reward.data."""
 
 
 class PipelinePPOConfig(PPOConfig):
@@ -620,8 +631,9 @@ class PipelineEvaluateConfig(EvaluateConfig):
     """'ppo' (this pipeline's PPO policy) or a model folder."""
     reward_model: str = "reward"
     """'reward' (this pipeline's reward model) or a reward-model folder."""
-    judge_reward_model: str | None = None
-    """A judge reward model folder; None: this pipeline's judge if a `judge:` section is given, else no judge."""
+    judge_reward_model: str | None = Field(None, validation_alias=AliasChoices("judge_reward_model", "judge"))
+    """A judge reward model folder (or 'reward' / 'judge'); None: this pipeline's judge if a `judge:` section is
+    given, else no judge."""
     prompts: list[str] | str | None = None
     """Held-out prompts; None: the prompts the pipeline holds out of ppo.prompts (heldout_prompt_fraction)."""
     comparisons: list[str] | str | None = None
@@ -651,6 +663,9 @@ class PipelineConfig(Section):
     heldout_prompt_fraction: float = Field(0.1, ge=0, lt=1)
     """When evaluate.prompts is unset: share of ppo.prompts held out of PPO for the evaluation (split by prompt
     with ppo.seed, written to data/ppo_prompts.jsonl and data/eval_prompts.jsonl). 0: evaluate on PPO's prompts."""
+    judge_prompt_fraction: float = Field(0.5, gt=0, lt=1)
+    """With a `judge:` section whose data is unset: the share of reward.data's prompts (split by prompt) that train
+    the judge instead of the reward model, so the two never see the same prompt."""
     sft: PipelineSFTConfig = PipelineSFTConfig()
     """Step 1: supervised fine-tuning (every field of `rlhfkit config-doc sft`)."""
     reward: PipelineRewardConfig = PipelineRewardConfig()

@@ -1,22 +1,33 @@
-"""`rlhfkit evaluate`: the SFT and the RLHF policy side by side on held-out prompts.
+"""`rlhfkit evaluate`: the SFT and the RLHF policy side by side on held-out prompts, under the reward model PPO
+optimised and under a judge reward model PPO never saw.
 
-Both policies answer the same prompts with the same sampling settings and seed. Reported per policy:
+Both policies answer the same prompts with the same sampling settings and seed, on the held-out prompts and, if
+given, on a second prompt set from another source (`other_prompts`, its own column). Reported per prompt set:
 
-* **score**: mean normalised reward-model score of its responses (and under the judge, if given), read as PPO
+* **score**: mean normalised reward-model score of each policy's responses (and the judge's), read as PPO
   reads them: prompt + response tokens, a response cut at max_new_tokens without an added EOS (PPO's
   missing-EOS penalty is not applied: the EOS share is reported on its own);
 * **win rate** of RLHF over SFT, prompt by prompt (a tie counts half), under the reward model and the judge,
-  with its standard error over prompts; and the mean paired score difference;
+  with its standard error over prompts, the win/tie/loss counts and the paired score gain with its standard
+  error; and the **length-controlled win rate**, the length difference regressed out (`stats.py`);
 * **KL from SFT**: mean over RLHF's own responses y of sum_t [log pi_RL(y_t | x, y_<t) - log pi_SFT(y_t | x, y_<t)],
   in nats per response, with both distributions at the sampling temperature (as PPO's logged `kl`): a Monte
   Carlo estimate of KL(pi_RL || pi_SFT) per response (0 for SFT by definition);
-* **length**: mean response tokens (the EOS included, as in PPO) and the **share ending with EOS**.
+* **length**: mean response tokens (the EOS included, as in PPO) and the **share ending with EOS**;
+* how often the reward model and the judge **agree** on which of SFT / RLHF is better.
+
+On the held-out prompts also **best-of-n** of SFT for each n of `best_of_n`: max(n) more SFT responses per prompt
+(another seed), the reward model's favourite of the first n kept and compared with the SFT response like RLHF's,
+at a KL from SFT of log n - (n-1)/n. It shows what the reward model's preference is worth without RL.
 
 Plus the reward model's pairwise accuracy on held-out comparisons (`reward.evaluate_reward_model`), and the
-judge's on the same comparisons when a judge is given.
+judge's on the same comparisons when a judge is given. The judge is loaded and scores exactly like the reward
+model (`reward.load_reward_model`, `reward.score_rows`): any reward-model folder can be one.
 
-Outputs in `output_dir`: `eval.json` (everything above; written last), `eval_samples.jsonl` (per prompt: the
-prompt, both responses, their scores, lengths, EOS flags and KLs) and `config.yaml` (the settings).
+Outputs in `output_dir`: `eval.json` (everything above; written last), `eval_samples.jsonl` (per held-out prompt:
+the prompt, both responses, their scores, lengths, EOS flags and KLs, and the best-of-n candidates with their
+scores and which one each n kept), `eval_samples_other.jsonl` (the same for the other-source prompts) and
+`config.yaml` (the settings). The tables are `eval_tables.py`.
 """
 
 from __future__ import annotations
@@ -26,20 +37,32 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .config import EvaluateConfig, save_config
+from .eval_tables import print_eval_table
 from .generate import Sample, generate_responses, load_for_inference, model_path_of, sampling_support
 from .models import backbone_and_head
 from .ppo_math import logprobs_from_logits
+from .stats import (
+    agreement,
+    best_of_n_choice,
+    best_of_n_kl,
+    length_controlled_win_rate,
+    mean,
+    stderr,
+    win_rate,
+)
 from .tokens import encode_prompt, pad
 
 log = logging.getLogger("rlhfkit.evaluate")
 
 POLICIES = ("sft", "rlhf")
+SAMPLE_FILES = {"heldout": "eval_samples.jsonl", "other": "eval_samples_other.jsonl"}
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -85,42 +108,15 @@ def response_logprobs(
 # ----------------------------------------------------------------------------- statistics
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _stderr(xs: Sequence[float]) -> float:
-    n = len(xs)
-    if n < 2:
-        return float("nan")
-    m = _mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
-
-
-def win_rate(rlhf: Sequence[float], sft: Sequence[float]) -> dict:
-    """Share of prompts where RLHF's response scores higher than SFT's (ties half), with its standard error."""
-    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rlhf, sft)]
-    diffs = [a - b for a, b in zip(rlhf, sft)]
-    return {
-        "rate": _mean(outcomes),
-        "stderr": _stderr(outcomes),
-        "wins": sum(o == 1.0 for o in outcomes),
-        "ties": sum(o == 0.5 for o in outcomes),
-        "losses": sum(o == 0.0 for o in outcomes),
-        "score_delta": _mean(diffs),
-        "score_delta_stderr": _stderr(diffs),
-    }
-
-
 def _summary(samples: list[Sample], scores: list[float], judge: list[float] | None, kl: list[float]) -> dict:
     return {
-        "score": _mean(scores),
-        "score_std": math.sqrt(_mean([(s - _mean(scores)) ** 2 for s in scores])) if scores else float("nan"),
-        "judge_score": _mean(judge) if judge is not None else None,
-        "kl_from_sft": _mean(kl),
-        "kl_from_sft_stderr": _stderr(kl),
-        "length": _mean([len(s.token_ids) for s in samples]),
-        "eos_share": _mean([1.0 if s.has_eos else 0.0 for s in samples]),
+        "score": mean(scores),
+        "score_std": math.sqrt(mean([(s - mean(scores)) ** 2 for s in scores])) if scores else float("nan"),
+        "judge_score": mean(judge) if judge is not None else None,
+        "kl_from_sft": mean(kl),
+        "kl_from_sft_stderr": stderr(kl),
+        "length": mean([len(s.token_ids) for s in samples]),
+        "eos_share": mean([1.0 if s.has_eos else 0.0 for s in samples]),
     }
 
 
@@ -153,45 +149,170 @@ def _free() -> None:
 # ----------------------------------------------------------------------------- the evaluation
 
 
-def evaluate_policies(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict, list[dict]]:
-    """(metrics for eval.json, one record per prompt for eval_samples.jsonl)."""
-    from .data import load_comparisons, load_prompts
-    from .reward import evaluate_reward_model, load_reward_model, normalise_scores, reward_model_path, score_rows, shares_tokens
+def _load_prompt_set(spec, max_prompts: int) -> list[list[dict]]:
+    from .data import load_prompts
+
+    prompts = load_prompts(spec)[:max_prompts]
+    if not prompts:
+        raise ValueError(f"{spec}: no prompts")
+    if len(prompts) < 128:
+        log.warning("%s: %d prompts; one standard error of a win rate can reach %.3f (128 prompts keep it under 0.045)",
+                    spec, len(prompts), 0.5 / math.sqrt(len(prompts)))  # fmt: skip
+    return prompts
+
+
+@dataclass
+class PromptSet:
+    """One prompt set and everything measured on it: the policies' responses and KLs, and every score."""
+
+    spec: object
+    prompts: list[list[dict]]
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    samples: dict[str, list[Sample]] = field(default_factory=dict)  # policy -> one response per prompt
+    kl: dict[str, list[float]] = field(default_factory=dict)  # policy -> per prompt
+    scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # role -> policy -> per prompt
+    candidates: list[list[Sample]] | None = None  # best-of-n: max(n) SFT responses per prompt
+    candidate_scores: dict[str, list[list[float]]] = field(default_factory=dict)  # role -> per prompt, per candidate
+
+
+def _sample_policies(ps: PromptSet, sft, rlhf, tok, cfg: EvaluateConfig, temperature: float, progress: bool) -> None:
+    """Both policies answer every prompt of the set (same settings, same seed), and each response's KL from SFT:
+    log pi(y) - log pi_SFT(y), summed over response tokens."""
+    gen = cfg.generation
+    for name, model in (("sft", sft), ("rlhf", rlhf)):
+        ps.samples[name] = [g[0] for g in generate_responses(model, tok, ps.prompts, gen, 1, progress)]
+    ps.prompt_ids = [encode_prompt(tok, m, gen.max_prompt_length, gen.system_prompt) for m in ps.prompts]
+    support = sampling_support(sft.get_output_embeddings().weight.shape[0], len(tok), tok.pad_token_id)  # the sampler's
+    for name, model in (("sft", sft), ("rlhf", rlhf)):
+        responses = [s.token_ids or [tok.eos_token_id] for s in ps.samples[name]]
+        own = response_logprobs(model, ps.prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
+        ref = own if model is sft else response_logprobs(sft, ps.prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
+        ps.kl[name] = [a - b for a, b in zip(own, ref)]
+
+
+def _sample_candidates(ps: PromptSet, sft, tok, cfg: EvaluateConfig, progress: bool) -> None:
+    """max(best_of_n) more SFT responses per prompt, with another seed than the SFT response they are compared
+    with, and as many sequences per generate call as a normal batch (batch_size // n prompts)."""
+    n = max(cfg.best_of_n)
+    gen = cfg.generation.model_copy(update={"seed": cfg.generation.seed + 1, "batch_size": max(1, cfg.generation.batch_size // n)})
+    ps.candidates = generate_responses(sft, tok, ps.prompts, gen, n, progress)
+
+
+def _score_set(ps: PromptSet, role: str, rm, rm_tok, stats: dict, tok, cfg: EvaluateConfig) -> None:
+    """Normalised scores of every response of the set (and of its best-of-n candidates) under one reward model."""
+    from .reward import normalise_scores, score_rows, shares_tokens
+
+    same_vocab = shares_tokens(rm, rm_tok, tok)
+    conversations = [_with_system(m, cfg.generation.system_prompt) for m in ps.prompts]
+    ps.scores[role] = {}
+    for name in POLICIES:
+        rows = reward_rows(rm, rm_tok, ps.samples[name], ps.prompt_ids, conversations, same_vocab)
+        ps.scores[role][name] = normalise_scores(score_rows(rm, rows, rm_tok.pad_token_id, cfg.batch_size), stats)
+    if ps.candidates:
+        k = len(ps.candidates[0])
+        flat = [s for group in ps.candidates for s in group]
+        rows = reward_rows(
+            rm, rm_tok, flat, [p for p in ps.prompt_ids for _ in range(k)], [c for c in conversations for _ in range(k)], same_vocab
+        )
+        scores = normalise_scores(score_rows(rm, rows, rm_tok.pad_token_id, cfg.batch_size), stats)
+        ps.candidate_scores[role] = [scores[i : i + k] for i in range(0, len(scores), k)]
+
+
+def set_metrics(ps: PromptSet) -> dict:
+    """RLHF vs SFT on one prompt set, under the reward model and (if scored) the judge."""
+    lengths = {name: [len(s.token_ids) for s in ps.samples[name]] for name in POLICIES}
+    roles = [r for r in ("reward_model", "judge") if r in ps.scores]
+    judge = ps.scores.get("judge")
+    out = {
+        "prompts": ps.spec,
+        "n_prompts": len(ps.prompts),
+        "policies": {
+            name: _summary(ps.samples[name], ps.scores["reward_model"][name], judge[name] if judge else None, ps.kl[name])
+            for name in POLICIES
+        },
+        "win_rate": {r: None for r in ("reward_model", "judge")},
+        "length_controlled": {r: None for r in ("reward_model", "judge")},
+        "agreement": None,
+    }
+    for r in roles:
+        rl, sf = ps.scores[r]["rlhf"], ps.scores[r]["sft"]
+        out["win_rate"][r] = win_rate(rl, sf)
+        out["length_controlled"][r] = length_controlled_win_rate(rl, sf, lengths["rlhf"], lengths["sft"])
+    if judge:
+        diffs = {r: [a - b for a, b in zip(ps.scores[r]["rlhf"], ps.scores[r]["sft"])] for r in roles}
+        out["agreement"] = agreement(diffs["reward_model"], diffs["judge"])
+    return out
+
+
+def best_of_n_metrics(ps: PromptSet, ns: Sequence[int]) -> list[dict]:
+    """Per n: the reward model's favourite of the first n SFT candidates against the SFT response, under the reward
+    model and the judge, with its KL from SFT, log n - (n-1)/n."""
+    if not ps.candidates:
+        return []
+    sft_length = [len(s.token_ids) for s in ps.samples["sft"]]
+    rows = []
+    for n in sorted(set(ns)):
+        chosen = best_of_n_choice(ps.candidate_scores["reward_model"], n)
+        kept = [group[j] for group, j in zip(ps.candidates, chosen)]
+        length = [len(s.token_ids) for s in kept]
+        row = {"n": n, "kl_from_sft": best_of_n_kl(n), "chosen": chosen, "length": mean(length),
+               "eos_share": mean([1.0 if s.has_eos else 0.0 for s in kept])}  # fmt: skip
+        for role in ("reward_model", "judge"):
+            if role not in ps.candidate_scores:
+                row[role] = row[f"{role}_length_controlled"] = row[f"{role}_score"] = None
+                continue
+            score = [scores[j] for scores, j in zip(ps.candidate_scores[role], chosen)]
+            row[f"{role}_score"] = mean(score)
+            row[role] = win_rate(score, ps.scores[role]["sft"])
+            row[f"{role}_length_controlled"] = length_controlled_win_rate(score, ps.scores[role]["sft"], length, sft_length)
+        rows.append(row)
+    return rows
+
+
+def candidate_agreement(ps: PromptSet) -> dict | None:
+    """How often the reward model and the judge prefer the same of two SFT candidates for a prompt, over all pairs
+    of candidates (pairs of a prompt are not independent: no standard error)."""
+    if not ps.candidates or "judge" not in ps.candidate_scores:
+        return None
+    rm, judge = [], []
+    for a, b in zip(ps.candidate_scores["reward_model"], ps.candidate_scores["judge"]):
+        for i in range(len(a)):
+            for j in range(i + 1, len(a)):
+                rm.append(a[i] - a[j])
+                judge.append(b[i] - b[j])
+    out = agreement(rm, judge)
+    return {"rate": out["rate"], "pairs": out["prompts"]}
+
+
+def evaluate_policies(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict, dict[str, list[dict]]]:
+    """(metrics for eval.json, {"heldout": one record per held-out prompt, "other": the same for other_prompts})."""
+    from .data import load_comparisons
+    from .reward import evaluate_reward_model, load_reward_model, reward_model_path
 
     t0 = time.time()
     gen = cfg.generation
     temperature = gen.temperature if gen.temperature > 0 else 1.0
-    prompts = load_prompts(cfg.prompts)[: cfg.max_prompts]
-    if not prompts:
-        raise ValueError(f"{cfg.prompts}: no prompts")
-    log.info("evaluating %s (SFT) and %s (RLHF) on %d prompts", cfg.sft_model, cfg.rlhf_model, len(prompts))
+    sets = {"heldout": PromptSet(cfg.prompts, _load_prompt_set(cfg.prompts, cfg.max_prompts))}
+    if cfg.other_prompts is not None:
+        sets["other"] = PromptSet(cfg.other_prompts, _load_prompt_set(cfg.other_prompts, cfg.max_prompts))
+    log.info("evaluating %s (SFT) and %s (RLHF) on %s", cfg.sft_model, cfg.rlhf_model,
+             " and ".join(f"{len(ps.prompts)} prompts ({ps.spec})" for ps in sets.values()))  # fmt: skip
 
-    # 1. Both policies answer every prompt (same settings, same seed).
+    # 1. Both policies answer every prompt (same settings, same seed); KL from SFT; best-of-n candidates from SFT.
     dtype_name = cfg.precision
     sft, tok = load_for_inference(cfg.sft_model, dtype_name)
     rlhf, rlhf_tok = load_for_inference(cfg.rlhf_model, dtype_name)
     if rlhf_tok.get_vocab() != tok.get_vocab():
         raise ValueError(f"{cfg.rlhf_model} and {cfg.sft_model} have different vocabularies: the KL between them is undefined")
-    samples: dict[str, list[Sample]] = {}
-    for name, model in (("sft", sft), ("rlhf", rlhf)):
-        samples[name] = [g[0] for g in generate_responses(model, tok, prompts, gen, 1, progress)]
-
-    # 2. KL from SFT on each policy's own samples: log pi(y) - log pi_SFT(y), summed over response tokens.
-    prompt_ids = [encode_prompt(tok, m, gen.max_prompt_length, gen.system_prompt) for m in prompts]
-    kl: dict[str, list[float]] = {}
-    support = sampling_support(sft.get_output_embeddings().weight.shape[0], len(tok), tok.pad_token_id)  # the sampler's
-    for name, model in (("sft", sft), ("rlhf", rlhf)):
-        responses = [s.token_ids or [tok.eos_token_id] for s in samples[name]]
-        own = response_logprobs(model, prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
-        ref = own if model is sft else response_logprobs(sft, prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
-        kl[name] = [a - b for a, b in zip(own, ref)]
-    del sft, rlhf, model
+    for ps in sets.values():
+        _sample_policies(ps, sft, rlhf, tok, cfg, temperature, progress)
+    if cfg.best_of_n:
+        _sample_candidates(sets["heldout"], sft, tok, cfg, progress)
+    del sft, rlhf
     _free()
 
-    # 3. Scores under the reward model (and the judge), normalised with each model's own statistics.
+    # 2. Scores under the reward model (and the judge), normalised with each model's own statistics.
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    conversations = [_with_system(m, gen.system_prompt) for m in prompts]
-    scored: dict[str, dict[str, list[float]]] = {"reward_model": {}, "judge": {}}
     accuracy: dict[str, dict | None] = {"reward_model": None, "judge": None}
     comparisons = None
     if cfg.comparisons is not None:
@@ -200,55 +321,68 @@ def evaluate_policies(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict,
             comparisons = comparisons[: cfg.max_comparisons]
     judges = [("reward_model", cfg.reward_model)] + ([("judge", cfg.judge_reward_model)] if cfg.judge_reward_model else [])
     for role, path in judges:
-        rm, rm_tok, stats = load_reward_model(path, dtype)
+        rm, rm_tok, rm_stats = load_reward_model(path, dtype)
         if torch.cuda.is_available():
             rm = rm.cuda()
-        same_vocab = shares_tokens(rm, rm_tok, tok)
-        for name in POLICIES:
-            rows = reward_rows(rm, rm_tok, samples[name], prompt_ids, conversations, same_vocab)
-            scored[role][name] = normalise_scores(score_rows(rm, rows, rm_tok.pad_token_id, cfg.batch_size), stats)
+        for ps in sets.values():
+            _score_set(ps, role, rm, rm_tok, rm_stats, tok, cfg)
         if comparisons:
             accuracy[role] = {"data": cfg.comparisons, **evaluate_reward_model(rm, rm_tok, comparisons, cfg.batch_size)}
         del rm
         _free()
 
-    judge = scored["judge"] or None
+    heldout = sets["heldout"]
+    best_of_n = best_of_n_metrics(heldout, cfg.best_of_n)
     metrics = {
         "sft_model": model_path_of(cfg.sft_model),
         "rlhf_model": model_path_of(cfg.rlhf_model),
         "reward_model": str(reward_model_path(cfg.reward_model)),
         "judge_reward_model": str(reward_model_path(cfg.judge_reward_model)) if cfg.judge_reward_model else None,
-        "prompts": cfg.prompts,
-        "n_prompts": len(prompts),
+        **set_metrics(heldout),
         "generation": gen.model_dump(),
         "kl_temperature": temperature,
-        "policies": {
-            name: _summary(samples[name], scored["reward_model"][name], judge[name] if judge else None, kl[name])
-            for name in POLICIES
-        },
-        "win_rate": {
-            "reward_model": win_rate(scored["reward_model"]["rlhf"], scored["reward_model"]["sft"]),
-            "judge": win_rate(judge["rlhf"], judge["sft"]) if judge else None,
-        },
+        "best_of_n": best_of_n,
+        "candidate_agreement": candidate_agreement(heldout),
+        "other_prompts": set_metrics(sets["other"]) if "other" in sets else None,
         "reward_model_accuracy": accuracy["reward_model"],
         "judge_accuracy": accuracy["judge"],
         "seconds": time.time() - t0,
     }
+    records = {name: _records(ps, best_of_n if name == "heldout" else []) for name, ps in sets.items()}
+    for row in best_of_n:
+        row.pop("chosen")  # per prompt: in the records
+    return metrics, records
+
+
+def _records(ps: PromptSet, best_of_n: list[dict]) -> list[dict]:
+    """One record per prompt: both responses with their scores, lengths, EOS flags and KLs (and the best-of-n
+    candidates with their scores and which one each n kept)."""
+    judged = "judge" in ps.scores
     records = []
-    for i, messages in enumerate(prompts):
+    for i, messages in enumerate(ps.prompts):
         record = {"index": i, "prompt": messages[-1]["content"], "messages": messages}
         for name in POLICIES:
-            s = samples[name][i]
+            s = ps.samples[name][i]
             record[name] = {
                 "response": s.text,
-                "score": scored["reward_model"][name][i],
-                "judge_score": judge[name][i] if judge else None,
+                "score": ps.scores["reward_model"][name][i],
+                "judge_score": ps.scores["judge"][name][i] if judged else None,
                 "length": len(s.token_ids),
                 "has_eos": s.has_eos,
-                "kl_from_sft": kl[name][i],
+                "kl_from_sft": ps.kl[name][i],
             }
+        if ps.candidates:
+            record["best_of_n"] = {
+                "chosen": {str(row["n"]): row["chosen"][i] for row in best_of_n},
+                "candidates": [
+                    {"response": s.text, "score": ps.candidate_scores["reward_model"][i][j],
+                     "judge_score": ps.candidate_scores["judge"][i][j] if judged else None,
+                     "length": len(s.token_ids), "has_eos": s.has_eos}
+                    for j, s in enumerate(ps.candidates[i])
+                ],
+            }  # fmt: skip
         records.append(record)
-    return metrics, records
+    return records
 
 
 def _json_safe(obj):
@@ -263,14 +397,15 @@ def _json_safe(obj):
 
 
 def run_evaluate(cfg: EvaluateConfig, print_table: bool = True) -> Path:
-    """Evaluate, write eval.json and eval_samples.jsonl, print the table; returns the eval.json path."""
+    """Evaluate, write eval.json and the samples, print the tables; returns the eval.json path."""
     metrics, records = evaluate_policies(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    with (out / "eval_samples.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(_json_safe(r), ensure_ascii=False) + "\n")
+    for name, rows in records.items():
+        with (out / SAMPLE_FILES[name]).open("w") as f:
+            for r in rows:
+                f.write(json.dumps(_json_safe(r), ensure_ascii=False) + "\n")
     tmp = out / "eval.json.tmp"
     tmp.write_text(json.dumps(_json_safe(metrics), indent=1))
     tmp.replace(out / "eval.json")  # written last: its presence means the evaluation is complete
@@ -279,59 +414,4 @@ def run_evaluate(cfg: EvaluateConfig, print_table: bool = True) -> Path:
     return out / "eval.json"
 
 
-# ----------------------------------------------------------------------------- the table
-
-
-def _fmt(x, spec: str = ".3f") -> str:
-    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
-
-
-def eval_rows(metrics: dict) -> list[tuple[str, str, str]]:
-    """(metric, SFT, RLHF) rows of the evaluation table (shared by the terminal table and the report)."""
-    sft, rl = metrics["policies"]["sft"], metrics["policies"]["rlhf"]
-    rows = [("reward-model score (normalised, mean)", _fmt(sft["score"]), _fmt(rl["score"]))]
-    wr = metrics["win_rate"]["reward_model"]
-    rows.append(("win rate over the other, reward model", _fmt(1 - wr["rate"]), f"{_fmt(wr['rate'])} ± {_fmt(wr['stderr'])}"))
-    if metrics["win_rate"].get("judge"):
-        wj = metrics["win_rate"]["judge"]
-        rows.append(("judge score (normalised, mean)", _fmt(sft["judge_score"]), _fmt(rl["judge_score"])))
-        rows.append(("win rate over the other, judge", _fmt(1 - wj["rate"]), f"{_fmt(wj['rate'])} ± {_fmt(wj['stderr'])}"))
-    rows.append(("KL from SFT (nats / response)", _fmt(sft["kl_from_sft"]), f"{_fmt(rl['kl_from_sft'])} ± {_fmt(rl['kl_from_sft_stderr'])}"))
-    rows.append(("response length (tokens, mean)", _fmt(sft["length"], ".1f"), _fmt(rl["length"], ".1f")))
-    rows.append(("responses ending with EOS", _fmt(sft["eos_share"], ".0%"), _fmt(rl["eos_share"], ".0%")))
-    return rows
-
-
-def accuracy_line(name: str, acc: dict | None) -> str | None:
-    if not acc:
-        return None
-    return (
-        f"{name} pairwise accuracy on {acc.get('comparisons', '?')} held-out comparisons ({acc.get('pairs', '?')} pairs): "
-        f"{_fmt(acc.get('accuracy'))} (longer-response baseline {_fmt(acc.get('length_baseline_accuracy'))})"
-    )
-
-
-def print_eval_table(metrics: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table(title=f"SFT vs RLHF on {metrics['n_prompts']} held-out prompts")
-    table.add_column("metric")
-    table.add_column("SFT", justify="right")
-    table.add_column("RLHF", justify="right", style="bold")
-    for row in eval_rows(metrics):
-        table.add_row(*row)
-    console.print(table)
-    wr = metrics["win_rate"]["reward_model"]
-    console.print(
-        f"RLHF - SFT reward-model score: {_fmt(wr['score_delta'], '+.3f')} ± {_fmt(wr['score_delta_stderr'])} "
-        f"(paired over prompts; {wr['wins']} wins, {wr['ties']} ties, {wr['losses']} losses)"
-    )
-    for name, key in (("reward model", "reward_model_accuracy"), ("judge", "judge_accuracy")):
-        line = accuracy_line(name, metrics.get(key))
-        if line:
-            console.print(line)
-
-
-__all__ = ["evaluate_policies", "print_eval_table", "response_logprobs", "run_evaluate", "win_rate"]
+__all__ = ["PromptSet", "evaluate_policies", "print_eval_table", "response_logprobs", "run_evaluate", "win_rate"]

@@ -13,6 +13,11 @@ Wiring: every model field of a section may name a pipeline keyword - 'base' (the
 Defaults: SFT starts from base; the reward model from sft; PPO's policy from sft and its reward model
 (and critic) from reward; the evaluation compares sft with ppo under reward (and judge).
 
+The judge: a `judge:` section trains a second reward model that PPO never sees, for the evaluation. Unless
+judge.data is given, reward.data is split by prompt (the opening user turn, `judge_prompt_fraction` of the prompts
+to the judge, seeded) into data/reward_comparisons.jsonl (what the reward model trains on) and
+data/judge_comparisons.jsonl; given judge.data must share no prompt with reward.data (checked).
+
 Held-out data: unless `evaluate.prompts` is given, `heldout_prompt_fraction` of ppo.prompts (split by
 prompt, seeded) are written to data/eval_prompts.jsonl and PPO trains on the rest (data/ppo_prompts.jsonl).
 Unless `evaluate.comparisons` is given, the evaluation measures the reward model's accuracy on
@@ -24,6 +29,9 @@ Re-running: a step whose output is complete is skipped (the steps check this the
 logs it); a step killed half-way resumes from its last checkpoint. The pipeline warns when a finished
 step's saved config differs from the current one, or when it is older than a step it depends on (its
 inputs changed): delete that step's folder to redo it.
+
+Before anything runs, every data file the config names is checked: a missing one is named with its field and
+where to get it (the bundled data is in examples/data/, described in examples/data/README.md).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from .training import RunDir
 log = logging.getLogger("rlhfkit.pipeline")
 
 ORDER = ("sft", "reward", "judge", "ppo", "evaluate", "report")
+JUDGE_SPLIT_SEED = 1_000_003  # added to reward.seed for the reward model / judge split
 TRAINING_STEPS = ("sft", "reward", "judge", "ppo")
 KEYWORDS = ("base", "sft", "reward", "judge", "ppo")
 TITLES = {
@@ -86,6 +95,8 @@ class Plan:
     deps: dict[str, list[str]]  # step name -> pipeline steps whose output it reads
     heldout_prompts: Split | None = None  # ppo.prompts -> PPO's prompts + the evaluation's
     heldout_comparisons: Split | None = None  # reward.data -> (the reward step's own split) its held-out part
+    judge_comparisons: Split | None = None  # reward.data -> the reward model's part (train_file) + the judge's
+    judge_data_check: tuple[Any, Any] | None = None  # (reward.data, judge.data) that must share no prompt
     steps: list[str] = field(default_factory=list)  # the steps to run, in order
 
 
@@ -119,12 +130,24 @@ def plan_pipeline(cfg: PipelineConfig) -> Plan:
 
     configs: dict[str, Any] = {}
     configs["sft"] = plain(SFTConfig, cfg.sft, output_dir=str(dirs["sft"]), model=ref("sft", "model", cfg.sft.model, ()))
+    reward_data, judge_data, judge_split, judge_check = cfg.reward.data, None, None, None
+    if cfg.judge is not None:
+        judge_data = cfg.judge.data
+        if judge_data is None:  # a split by prompt of the reward model's data: the two never see the same prompt
+            reward_file, judge_file = run / "data" / "reward_comparisons.jsonl", run / "data" / "judge_comparisons.jsonl"
+            # Another seed than reward.seed, which the reward step's own held-out split hashes with: with the same
+            # hash the reward model's part would hold no prompt below its eval_fraction.
+            judge_split = Split(cfg.reward.data, cfg.judge_prompt_fraction, cfg.reward.seed + JUDGE_SPLIT_SEED, judge_file,
+                                reward_file, score_range=cfg.reward.score_range)  # fmt: skip
+            reward_data, judge_data = str(reward_file), str(judge_file)
+        else:
+            judge_check = (cfg.reward.data, judge_data)
     configs["reward"] = plain(
-        RewardConfig, cfg.reward, output_dir=str(dirs["reward"]), model=ref("reward", "model", cfg.reward.model, ("sft",))
+        RewardConfig, cfg.reward, output_dir=str(dirs["reward"]), model=ref("reward", "model", cfg.reward.model, ("sft",)), data=reward_data
     )
     if cfg.judge is not None:
         configs["judge"] = plain(
-            RewardConfig, cfg.judge, output_dir=str(dirs["judge"]), model=ref("judge", "model", cfg.judge.model, ("sft",))
+            RewardConfig, cfg.judge, output_dir=str(dirs["judge"]), model=ref("judge", "model", cfg.judge.model, ("sft",)), data=judge_data
         )
 
     heldout_prompts = None
@@ -154,7 +177,7 @@ def plan_pipeline(cfg: PipelineConfig) -> Plan:
             comparisons = cfg.reward.eval_data
         elif cfg.reward.eval_fraction > 0:
             file = run / "data" / "reward_heldout.jsonl"
-            heldout_comparisons = Split(cfg.reward.data, cfg.reward.eval_fraction, cfg.reward.seed, file, score_range=cfg.reward.score_range)
+            heldout_comparisons = Split(reward_data, cfg.reward.eval_fraction, cfg.reward.seed, file, score_range=cfg.reward.score_range)
             comparisons = str(file)
     judge = ev.judge_reward_model
     if judge is None and cfg.judge is not None:
@@ -175,7 +198,7 @@ def plan_pipeline(cfg: PipelineConfig) -> Plan:
         generation=generation.model_dump(),
     )
     steps = [s for s in ORDER if s in cfg.steps and (s == "report" or s in configs)]
-    return Plan(run, configs, dirs, deps, heldout_prompts, heldout_comparisons, steps)
+    return Plan(run, configs, dirs, deps, heldout_prompts, heldout_comparisons, judge_split, judge_check, steps)
 
 
 # ----------------------------------------------------------------------------- held-out data
@@ -199,10 +222,39 @@ def _write_if_changed(path: Path, records: list) -> bool:
     return True
 
 
+def shared_prompts(first: list, second: list) -> set[str]:
+    """Prompts (opening user turns, the key of `split_by_prompt`) that two lists of records both have."""
+    from .data import _split_key  # the one definition of "the same prompt"
+
+    return {_split_key(r) for r in first} & {_split_key(r) for r in second}
+
+
 def prepare_data(plan: Plan) -> None:
-    """Write the held-out splits the plan needs (deterministic; unchanged files are not rewritten)."""
+    """Write the splits the plan needs (deterministic; unchanged files are not rewritten); check that a given
+    judge.data shares no prompt with reward.data."""
     from .data import load_comparisons, load_prompts, split_by_prompt
 
+    sj = plan.judge_comparisons
+    if sj is not None:
+        reward_part, judge_part = split_by_prompt(load_comparisons(sj.spec, score_range=sj.score_range), sj.fraction, seed=sj.seed)
+        if not reward_part or not judge_part:
+            raise ValueError(f"{sj.spec}: giving {sj.fraction:.0%} of the prompts to the judge leaves {len(reward_part)} comparisons "
+                             f"for the reward model and {len(judge_part)} for the judge")  # fmt: skip
+        _write_if_changed(sj.train_file, reward_part)
+        _write_if_changed(sj.heldout_file, judge_part)
+        log.info("comparisons split by prompt: %d for the reward model (%s), %d for the judge (%s)",
+                 len(reward_part), sj.train_file, len(judge_part), sj.heldout_file)  # fmt: skip
+    if plan.judge_data_check is not None:
+        reward_spec, judge_spec = plan.judge_data_check
+        shared = shared_prompts(load_comparisons(reward_spec, score_range=None), load_comparisons(judge_spec, score_range=None))
+        if shared:
+            example = next(iter(sorted(shared)))[:80]
+            raise ConfigError(
+                f"pipeline: field 'judge.data': {len(shared)} prompt(s) of the judge's comparisons are also in reward.data "
+                f"(e.g. {example!r}): a judge that saw the reward model's prompts is not independent. Leave judge.data "
+                "unset to split reward.data by prompt (judge_prompt_fraction), or give comparisons of other prompts."
+            )
+    ev = plan.configs.get("evaluate")
     sp = plan.heldout_prompts
     if sp is not None:
         train, held = split_by_prompt(load_prompts(sp.spec), sp.fraction, seed=sp.seed)
@@ -216,6 +268,56 @@ def prepare_data(plan: Plan) -> None:
         _, held = split_by_prompt(load_comparisons(sc.spec, score_range=sc.score_range), sc.fraction, seed=sc.seed)
         _write_if_changed(sc.heldout_file, held)
         log.info("the reward model's held-out comparisons: %d (%s)", len(held), sc.heldout_file)
+    if ev is not None and ev.other_prompts is not None and "ppo" in plan.configs:
+        shared = shared_prompts(load_prompts(ev.other_prompts), load_prompts(plan.configs["ppo"].prompts))
+        if shared:
+            log.warning("evaluate.other_prompts: %d of its prompts are also PPO training prompts: that column is then "
+                        "partly in distribution", len(shared))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- data files
+
+DATA_FIELDS = {
+    "sft": ("data", "eval_data"),
+    "reward": ("data", "eval_data", "reference_data"),
+    "judge": ("data", "eval_data", "reference_data"),
+    "ppo": ("prompts", "ptx_data"),
+    "evaluate": ("prompts", "other_prompts", "comparisons"),
+}
+HOW_TO_GET_DATA = (
+    "rlhfkit's example data is bundled in examples/data/ (examples/data/README.md says what each file is, where it comes "
+    "from and how it was made): run from the project root, or point the field at your copy (e.g. `--reward.data PATH`)."
+)
+
+
+def missing_data_files(cfg: PipelineConfig, plan: Plan) -> list[str]:
+    """'field: path' for every data file that the steps to run (and the splits the pipeline makes) read but that
+    does not exist."""
+    from .data import parse_spec
+
+    wanted = {(section, name) for section in plan.steps if section in DATA_FIELDS for name in DATA_FIELDS[section]}
+    if plan.heldout_prompts is not None:
+        wanted.add(("ppo", "prompts"))
+    if plan.judge_comparisons is not None or plan.heldout_comparisons is not None:
+        wanted.add(("reward", "data"))
+    if plan.judge_data_check is not None:
+        wanted |= {("reward", "data"), ("judge", "data")}
+    missing = []
+    for section, name in sorted(wanted, key=lambda w: (ORDER.index(w[0]) if w[0] in ORDER else 9, w[1])):
+        value = getattr(getattr(cfg, section, None), name, None)
+        for spec in value if isinstance(value, list) else [value] if value else []:
+            path = Path(parse_spec(spec)[1])
+            if not path.exists():
+                missing.append(f"field '{section}.{name}': {path}")
+    return missing
+
+
+def check_data_files(cfg: PipelineConfig, plan: Plan) -> None:
+    missing = missing_data_files(cfg, plan)
+    if missing:
+        raise FileNotFoundError(
+            f"pipeline: data file(s) not found (paths are relative to {Path.cwd()}):\n  " + "\n  ".join(missing) + "\n" + HOW_TO_GET_DATA
+        )
 
 
 # ----------------------------------------------------------------------------- running
@@ -338,6 +440,7 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None) -> Plan:
             raise ConfigError(f"pipeline: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(ORDER)}")
         cfg = cfg.model_copy(update={"steps": steps})
     plan = plan_pipeline(cfg)
+    check_data_files(cfg, plan)
     plan.run.mkdir(parents=True, exist_ok=True)
     save_pipeline_config(given, plan)  # the whole pipeline, not just the steps of this call
     prepare_data(plan)
@@ -381,4 +484,4 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None) -> Plan:
     return plan
 
 
-__all__ = ["ORDER", "Plan", "plan_pipeline", "prepare_data", "run_pipeline"]
+__all__ = ["ORDER", "Plan", "check_data_files", "missing_data_files", "plan_pipeline", "prepare_data", "run_pipeline", "shared_prompts"]

@@ -1,7 +1,9 @@
 """`rlhfkit report RUN_DIR`: one self-contained HTML page about a pipeline run.
 
-The page (RUN_DIR/report.html) holds: the steps and their status, the evaluation (the SFT vs RLHF table and
-the reward model's held-out accuracy), the training curves of every step that exists (SFT train/eval loss;
+The page (RUN_DIR/report.html) holds: the steps and their status, the evaluation (the SFT vs RLHF table; RLHF vs
+SFT under the reward model and under the judge, raw and length-controlled, on the held-out and the other-source
+prompts; best-of-n of SFT beside PPO with its KL; the sampling settings; every estimate under 2 standard errors
+from no change marked "(n.s.)"; the reward model's held-out accuracy), the training curves of every step that exists (SFT train/eval loss;
 reward model loss and accuracy; PPO score, KL, beta, response length, EOS share and entropy per iteration),
 and sample prompts with the SFT and RLHF responses side by side with their scores.
 
@@ -280,33 +282,46 @@ def _timings(run: Path) -> dict[str, float]:
     return out
 
 
-def _tone(x, neutral: float = 0.0) -> str:
-    """CSS class of a number: green above `neutral`, red below."""
-    if x is None or x == neutral:
+def _tone(x, neutral: float = 0.0, error=None) -> str:
+    """CSS class of a number: green above `neutral`, red below; with a standard error, only when the gap is at
+    least 2 of them."""
+    from .stats import significant
+
+    if x is None or x == neutral or (error is not None and not significant(x, error, neutral)):
         return ""
     return "good" if x > neutral else "bad"
 
 
 def _cards(ev: dict) -> str:
+    from .eval_tables import NOT_SIGNIFICANT
+    from .stats import significant
+
+    def rate_card(w: dict | None, label: str):
+        if not w:
+            return None
+        ns = f" {NOT_SIGNIFICANT}" if significant(w.get("rate"), w.get("stderr"), 0.5) is False else ""
+        return (f"{_num(w.get('rate'), '.0%')}", f"{label} ± {_num(w.get('stderr'), '.0%')}{ns}", _tone(w.get("rate"), 0.5, w.get("stderr")))
+
     wr = ev["win_rate"]["reward_model"]
     rl, sft = ev["policies"]["rlhf"], ev["policies"]["sft"]
     delta = (rl.get("score") or 0) - (sft.get("score") or 0) if rl.get("score") is not None and sft.get("score") is not None else None
+    lc = ev.get("length_controlled") or {}
+    other = ev.get("other_prompts") or {}
     cards = [
-        (f"{_num(wr.get('rate'), '.0%')}", f"RLHF win rate over SFT (reward model) ± {_num(wr.get('stderr'), '.0%')}",
-         _tone(wr.get("rate"), 0.5)),
+        rate_card(wr, "RLHF win rate over SFT (reward model)"),
+        rate_card(ev["win_rate"].get("judge"), "win rate under the held-out judge"),
+        rate_card(lc.get("judge"), "judge win rate, length-controlled"),
+        rate_card((other.get("win_rate") or {}).get("judge"), "judge win rate, other-source prompts"),
         (f"{_num(delta, '+.2f')}", f"score change, {_num(sft.get('score'), '.2f')} → {_num(rl.get('score'), '.2f')}",
-         _tone(delta)),
+         _tone(wr.get("score_delta"), 0.0, wr.get("score_delta_stderr"))),
         (f"{_num(rl.get('kl_from_sft'), '.2f')}", "KL from SFT (nats / response)", ""),
     ]
-    if ev["win_rate"].get("judge"):
-        wj = ev["win_rate"]["judge"]
-        cards.insert(1, (f"{_num(wj.get('rate'), '.0%')}", f"win rate under the held-out judge ± {_num(wj.get('stderr'), '.0%')}",
-                         _tone(wj.get("rate"), 0.5)))
     acc = ev.get("reward_model_accuracy")
     if acc:
         cards.append((f"{_num(acc.get('accuracy'), '.0%')}", "reward-model accuracy on held-out pairs", ""))
     return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="value {cls}">{_e(v)}</div><div class="label">{_e(label)}</div></div>' for v, label, cls in cards
+        f'<div class="card"><div class="value {cls}">{_e(v)}</div><div class="label">{_e(label)}</div></div>'
+        for v, label, cls in (c for c in cards if c)
     ) + "</div>"
 
 
@@ -384,7 +399,15 @@ def _ppo_samples(records: list[dict], n: int) -> str:
 
 def build_report(run_dir: str | Path, max_samples: int = 8) -> str:
     """The HTML text of the report of `run_dir`."""
-    from .evaluate import accuracy_line, eval_rows
+    from .eval_tables import (
+        SIGNIFICANCE_NOTE,
+        accuracy_line,
+        agreement_lines,
+        best_of_n_table,
+        judge_table,
+        policy_rows,
+        sampling_line,
+    )
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -406,15 +429,16 @@ def build_report(run_dir: str | Path, max_samples: int = 8) -> str:
 
     if ev:
         body.append(f"<h2>Evaluation: SFT vs RLHF on {_e(ev.get('n_prompts'))} held-out prompts</h2>")
-        body.append(_table(["metric", "SFT", "RLHF"], eval_rows(ev), "eval"))
-        wr = ev["win_rate"]["reward_model"]
-        gen = ev.get("generation") or {}
-        notes = [
-            f"Paired score difference RLHF - SFT: {_num(wr.get('score_delta'), '+.3f')} ± {_num(wr.get('score_delta_stderr'))} "
-            f"({wr.get('wins')} wins, {wr.get('ties')} ties, {wr.get('losses')} losses).",
-            f"Sampling: temperature {gen.get('temperature')}, top_p {gen.get('top_p')}, at most {gen.get('max_new_tokens')} new tokens, seed {gen.get('seed')}. "
-            "KL = mean over RLHF's responses of the summed per-token log-ratio log π_RLHF − log π_SFT.",
-        ]
+        body.append(_table(*policy_rows(ev), "eval"))
+        body.append("<h3>RLHF vs SFT under the reward model and under the judge</h3>")
+        body.append(_table(*judge_table(ev), "judge"))
+        if ev.get("best_of_n") or ev["win_rate"].get("judge"):
+            body.append("<h3>Best-of-n of SFT beside PPO</h3>")
+            body.append(_table(*best_of_n_table(ev), "best-of-n"))
+        notes = [sampling_line(ev), SIGNIFICANCE_NOTE, *agreement_lines(ev),
+                 "KL = mean over RLHF's responses of the summed per-token log-ratio log π_RLHF − log π_SFT; "
+                 "best-of-n's is log n − (n−1)/n. The length-controlled win rate is a logistic regression of the "
+                 "outcome on the length difference, read at zero difference."]  # fmt: skip
         for name, key in (("reward model", "reward_model_accuracy"), ("judge", "judge_accuracy")):
             line = accuracy_line(name, ev.get(key))
             if line:

@@ -11,6 +11,7 @@ model and the policy are never evaluated on a prompt the SFT data contained.
 import argparse
 import logging
 import random
+import shutil
 from pathlib import Path
 
 from rlhfkit.data import (
@@ -103,14 +104,37 @@ def main():
     # 4. All OASST K-wise rankings.
     rankings = [comparison_to_json(c) for c in read_oasst_comparisons(raw / "oasst" / "en_100_tree.jsonl")]
 
+    # 5. Prompts from other sources than PPO's, for the evaluation's second column: the Self-Instruct instructions
+    #    that are not SFT demonstrations (for PPO on prompts.jsonl), and the whole OASST prompt lottery (for PPO on
+    #    HH-RLHF prompts). File order, repeats dropped; no randomness, so the files above are unchanged.
+    sft_prompts = {d["messages"][0]["content"] for d in demos if d.get("source") == "self-instruct"}
+    self_instruct_prompts = []
+    for d in read_self_instruct(raw / "self-instruct" / "user_oriented_instructions.jsonl"):
+        record = prompt_to_json(d.messages) | {"source": "self-instruct"}
+        if d.messages[0]["content"] not in sft_prompts and record not in self_instruct_prompts:
+            self_instruct_prompts.append(record)
+    oasst_prompts = []
+    for p in lottery:
+        record = prompt_to_json(p) | {"source": "oasst/prompt_lottery"}
+        if record not in oasst_prompts:
+            oasst_prompts.append(record)
+
     for name, records in [
         ("sft_demos.jsonl", demos),
         ("prompts.jsonl", prompts),
         ("hh_pairs.jsonl", pairs),
         ("oasst_rankings.jsonl", rankings),
+        ("self_instruct_prompts.jsonl", self_instruct_prompts),
+        ("oasst_prompts.jsonl", oasst_prompts),
     ]:
         n = write_jsonl(out / name, records)
         print(f"{out / name}: {n} records, {(out / name).stat().st_size / 1e6:.2f} MB")
+
+    # 6. The whole HH-RLHF sample as published (configs/reward_hh.yaml and configs/hh.yaml read it with `hh-rlhf:`).
+    (out / "hh-rlhf").mkdir(exist_ok=True)
+    for name in PAIRS_PER_SUBSET:
+        shutil.copyfile(raw / "hh-rlhf" / f"{name}.jsonl.gz", out / "hh-rlhf" / f"{name}.jsonl.gz")
+        print(f"{out / 'hh-rlhf' / name}.jsonl.gz: copied, {(out / 'hh-rlhf' / f'{name}.jsonl.gz').stat().st_size / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

@@ -55,10 +55,10 @@ def tiny_pipeline_yaml(tmp: Path, model_dir: Path, ppo_steps: int = 12, judge: b
             "prompts_per_iteration": 8, "minibatch_size": 4, "batch_size": 4, "ppo_epochs": 1,
             "max_steps": ppo_steps, "checkpoint_every": 2, "sample_every": 4,
         },
-        "evaluate": {"max_prompts": 6, "batch_size": 8, "max_comparisons": 12},
+        "evaluate": {"max_prompts": 6, "batch_size": 8, "max_comparisons": 12, "best_of_n": [2]},
     }  # fmt: skip
-    if judge:
-        cfg["judge"] = {**train, "data": str(data["comparisons"]), "max_steps": 2, "eval_fraction": 0.2, "seed": 1}
+    if judge:  # no data: half of the reward model's prompts go to the judge
+        cfg["judge"] = {**train, "max_steps": 2, "eval_fraction": 0.2, "seed": 1}
     path = tmp / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -115,8 +115,9 @@ def test_held_out_data_and_saved_config_round_trip(tmp_path):
     train, held = load_prompts(str(run / "data" / "ppo_prompts.jsonl")), load_prompts(str(run / "data" / "eval_prompts.jsonl"))
     assert len(train) + len(held) == 50 and held and not {json.dumps(p) for p in train} & {json.dumps(p) for p in held}
     # the reward model's held-out comparisons are exactly the ones the reward step holds out itself
-    own = split_by_prompt(load_comparisons(cfg.reward.data), cfg.reward.eval_fraction, seed=cfg.reward.seed)[1]
-    assert load_comparisons(str(run / "data" / "reward_heldout.jsonl")) == own
+    assert plan.configs["reward"].data == str(run / "data" / "reward_comparisons.jsonl")
+    own = split_by_prompt(load_comparisons(plan.configs["reward"].data), cfg.reward.eval_fraction, seed=cfg.reward.seed)[1]
+    assert load_comparisons(str(run / "data" / "reward_heldout.jsonl")) == own and len(own) >= 2
     mtime = (run / "data" / "eval_prompts.jsonl").stat().st_mtime_ns
     prepare_data(plan)  # unchanged files are not rewritten
     assert (run / "data" / "eval_prompts.jsonl").stat().st_mtime_ns == mtime
@@ -127,6 +128,89 @@ def test_held_out_data_and_saved_config_round_trip(tmp_path):
     save_pipeline_config(cfg, plan)
     again = plan_pipeline(load_config(PipelineConfig, run / "pipeline.yaml"))
     assert {k: v.model_dump() for k, v in again.configs.items()} == {k: v.model_dump() for k, v in plan.configs.items()}
+
+
+def test_the_judge_trains_on_other_prompts_than_the_reward_model(tmp_path):
+    """Without judge.data, reward.data is split by prompt: the reward model and the judge share no prompt (the
+    opening user turn), together they have every comparison, and the held-out comparisons of the evaluation
+    (which measure both) are in neither's training data."""
+    from rlhfkit.data import load_comparisons, split_by_prompt
+
+    cfg = load_config(PipelineConfig, tiny_pipeline_yaml(tmp_path, Path("/models/base")))
+    plan = plan_pipeline(cfg)
+    prepare_data(plan)
+    data = tmp_path / "run" / "data"
+    assert plan.configs["reward"].data == str(data / "reward_comparisons.jsonl")
+    assert plan.configs["judge"].data == str(data / "judge_comparisons.jsonl")
+    rm, judge = load_comparisons(plan.configs["reward"].data), load_comparisons(plan.configs["judge"].data)
+
+    def opening(c):
+        return next(m["content"] for m in c.messages if m["role"] == "user")
+
+    assert not {opening(c) for c in rm} & {opening(c) for c in judge}
+    assert 15 <= len(judge) <= 45 and len(rm) + len(judge) == 60  # judge_prompt_fraction 0.5 of the 60
+    assert sorted(json.dumps(c.responses) for c in rm + judge) == sorted(json.dumps(c.responses) for c in load_comparisons(cfg.reward.data))
+    rm_train, rm_held = split_by_prompt(rm, cfg.reward.eval_fraction, seed=cfg.reward.seed)  # what the reward step trains on
+    judge_train, _ = split_by_prompt(judge, cfg.judge.eval_fraction, seed=cfg.judge.seed)
+    held = {opening(c) for c in load_comparisons(plan.configs["evaluate"].comparisons)}
+    assert held == {opening(c) for c in rm_held} and not held & {opening(c) for c in rm_train + judge_train}
+
+    # a smaller share for the judge
+    cfg3 = load_config(PipelineConfig, tmp_path / "pipeline.yaml", ["--judge_prompt_fraction", "0.2", "--output_dir", str(tmp_path / "r3")])
+    plan3 = plan_pipeline(cfg3)
+    prepare_data(plan3)
+    assert len(load_comparisons(plan3.configs["judge"].data)) < len(judge)
+
+    # given judge data must not share prompts with the reward model's
+    same = load_config(PipelineConfig, tmp_path / "pipeline.yaml", ["--judge.data", cfg.reward.data])
+    with pytest.raises(ConfigError, match=r"judge.data': 60 prompt\(s\) of the judge's comparisons are also in reward.data"):
+        prepare_data(plan_pipeline(same))
+    other = tmp_path / "other_comparisons.jsonl"
+    other.write_text(json.dumps({"prompt": "a prompt of its own", "chosen": "yes", "rejected": "no"}) + "\n")
+    plan4 = plan_pipeline(load_config(PipelineConfig, tmp_path / "pipeline.yaml", ["--judge.data", str(other)]))
+    prepare_data(plan4)
+    assert plan4.configs["judge"].data == str(other) and plan4.configs["reward"].data == cfg.reward.data
+
+
+def test_a_missing_data_file_is_named_with_how_to_get_it(tmp_path):
+    path = tiny_pipeline_yaml(tmp_path, Path("/models/base"))
+    cfg = load_config(PipelineConfig, path, ["--reward.data", "[hh-rlhf:examples/data/hh-rlhf/nowhere.jsonl.gz]",
+                                             "--evaluate.other_prompts", str(tmp_path / "missing_prompts.jsonl")])  # fmt: skip
+    with pytest.raises(FileNotFoundError) as err:
+        run_pipeline(cfg)
+    text = str(err.value)
+    assert "field 'reward.data': examples/data/hh-rlhf/nowhere.jsonl.gz" in text
+    assert f"field 'evaluate.other_prompts': {tmp_path / 'missing_prompts.jsonl'}" in text
+    assert "examples/data/README.md" in text and "--reward.data PATH" in text
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_every_shipped_config_finds_its_data(monkeypatch):
+    """From the project root of a fresh clone, as `make demo` runs: every data file a shipped config names exists
+    (nothing outside the project, such as ../shared), and every pipeline has a judge and other-source prompts."""
+    from rlhfkit.config import RewardConfig, SFTConfig, PPOConfig
+    from rlhfkit.data import load_comparisons, parse_spec
+    from rlhfkit.pipeline import missing_data_files, shared_prompts
+
+    monkeypatch.chdir(REPO)
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"demo.yaml", "hh.yaml", "gpu.yaml", "reward_hh.yaml"}
+    for path in configs:
+        assert "../" not in path.read_text(), f"{path.name} reads outside the project"
+        data = yaml.safe_load(path.read_text())
+        if "steps" in data:
+            cfg = load_config(PipelineConfig, path)
+            assert missing_data_files(cfg, plan_pipeline(cfg)) == [], path.name
+            assert cfg.judge is not None and "judge" in cfg.steps and cfg.evaluate.other_prompts is not None, path.name
+            assert cfg.evaluate.max_prompts >= 128, path.name
+            if cfg.judge.data is not None:  # given judge data: other prompts than the reward model's
+                assert not shared_prompts(load_comparisons(cfg.reward.data, score_range=None), load_comparisons(cfg.judge.data, score_range=None))
+            continue
+        cfg = load_config({"sft.yaml": SFTConfig, "ppo.yaml": PPOConfig}.get(path.name, RewardConfig), path)
+        for field in ("data", "eval_data", "reference_data", "prompts"):
+            value = getattr(cfg, field, None)
+            for spec in value if isinstance(value, list) else [value] if value else []:
+                assert Path(parse_spec(spec)[1]).exists(), f"{path.name}: {field}: {spec}"
 
 
 def test_a_step_without_its_inputs_says_which_step_to_run(tmp_path, tiny_model_dir):

@@ -102,7 +102,7 @@ def make_fake_run(root: Path) -> Path:
     ev = {
         "sft_model": "runs/x/sft/final", "rlhf_model": "runs/x/ppo/final", "reward_model": "runs/x/reward/final",
         "judge_reward_model": "runs/x/judge/final", "prompts": "runs/x/data/eval_prompts.jsonl", "n_prompts": 32,
-        "generation": {"max_new_tokens": 64, "temperature": 0.7, "top_p": 1.0, "seed": 0}, "kl_temperature": 0.7,
+        "generation": {"max_new_tokens": 64, "temperature": 0.7, "top_p": 1.0, "top_k": 0, "seed": 0}, "kl_temperature": 0.7,
         "policies": {
             "sft": {"score": -0.12, "score_std": 0.8, "judge_score": -0.05, "kl_from_sft": 0.0, "kl_from_sft_stderr": 0.0, "length": 51.3, "eos_share": 0.81},
             "rlhf": {"score": 0.47, "score_std": 0.7, "judge_score": 0.12, "kl_from_sft": 4.8, "kl_from_sft_stderr": 0.6, "length": 40.2, "eos_share": 0.94},
@@ -110,6 +110,33 @@ def make_fake_run(root: Path) -> Path:
         "win_rate": {
             "reward_model": {"rate": 0.72, "stderr": 0.08, "wins": 23, "ties": 0, "losses": 9, "score_delta": 0.59, "score_delta_stderr": 0.15},
             "judge": {"rate": 0.59, "stderr": 0.09, "wins": 19, "ties": 0, "losses": 13, "score_delta": 0.17, "score_delta_stderr": 0.12},
+        },
+        "length_controlled": {"reward_model": {"rate": 0.66, "stderr": 0.085, "length_slope": 0.4},
+                              "judge": {"rate": 0.53, "stderr": 0.09, "length_slope": 0.3}},
+        "agreement": {"rate": 0.71, "stderr": 0.08, "prompts": 31},
+        "best_of_n": [
+            {"n": 4, "kl_from_sft": 0.636, "length": 49.0, "eos_share": 0.84, "reward_model_score": 0.4, "judge_score": 0.05,
+             "reward_model": {"rate": 0.81, "stderr": 0.06, "wins": 26, "ties": 0, "losses": 6, "score_delta": 0.5, "score_delta_stderr": 0.1},
+             "judge": {"rate": 0.63, "stderr": 0.085, "wins": 20, "ties": 0, "losses": 12, "score_delta": 0.1, "score_delta_stderr": 0.07},
+             "reward_model_length_controlled": {"rate": 0.8, "stderr": 0.07}, "judge_length_controlled": {"rate": 0.6, "stderr": 0.09}},
+            {"n": 16, "kl_from_sft": 1.835, "length": 50.0, "eos_share": 0.8, "reward_model_score": 0.9, "judge_score": 0.2,
+             "reward_model": {"rate": 0.94, "stderr": 0.04, "wins": 30, "ties": 0, "losses": 2, "score_delta": 1.0, "score_delta_stderr": 0.1},
+             "judge": {"rate": 0.72, "stderr": 0.08, "wins": 23, "ties": 0, "losses": 9, "score_delta": 0.25, "score_delta_stderr": 0.08},
+             "reward_model_length_controlled": {"rate": 0.93, "stderr": 0.05}, "judge_length_controlled": {"rate": 0.7, "stderr": 0.08}},
+        ],
+        "candidate_agreement": {"rate": 0.58, "pairs": 3840},
+        "other_prompts": {
+            "prompts": "examples/data/self_instruct_prompts.jsonl", "n_prompts": 30,
+            "policies": {
+                "sft": {"score": -0.2, "judge_score": 0.0, "kl_from_sft": 0.0, "kl_from_sft_stderr": 0.0, "length": 55.0, "eos_share": 0.7},
+                "rlhf": {"score": 0.1, "judge_score": -0.05, "kl_from_sft": 5.1, "kl_from_sft_stderr": 0.7, "length": 44.0, "eos_share": 0.9},
+            },
+            "win_rate": {
+                "reward_model": {"rate": 0.6, "stderr": 0.09, "wins": 18, "ties": 0, "losses": 12, "score_delta": 0.3, "score_delta_stderr": 0.2},
+                "judge": {"rate": 0.43, "stderr": 0.09, "wins": 13, "ties": 0, "losses": 17, "score_delta": -0.05, "score_delta_stderr": 0.1},
+            },
+            "length_controlled": {"reward_model": {"rate": 0.58, "stderr": 0.09}, "judge": {"rate": 0.45, "stderr": 0.09}},
+            "agreement": {"rate": 0.6, "stderr": 0.09, "prompts": 30},
         },
         "reward_model_accuracy": acc, "judge_accuracy": {**acc, "accuracy": 0.6, "by_source": {}}, "seconds": 95.0,
     }  # fmt: skip
@@ -127,8 +154,41 @@ def test_report_is_self_contained_and_escaped(tmp_path):
     assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in text
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', text)) == 3  # SFT, reward model, PPO
     assert not re.search(r'src="(?!data:)', text)
-    assert "win rate over the other, reward model" in text and "0.720 ± 0.080" in text
     assert "Reward-model pairwise accuracy" in text and "hh-rlhf/helpful-base" in text
+
+
+def _rows(text: str, table_class: str) -> list[list[str]]:
+    """The cells of the body rows of <table class="table_class"> (unescaped)."""
+    import html
+
+    table = re.search(rf'<table class="{re.escape(table_class)}">(.*?)</table>', text, re.S).group(1)
+    return [[html.unescape(c) for c in re.findall(r"<t[dh]>(.*?)</t[dh]>", row)] for row in re.findall(r"<tr>(.*?)</tr>", table)]
+
+
+def test_report_shows_the_judge_best_of_n_and_length_controlled_rows(tmp_path):
+    text = build_report(make_fake_run(tmp_path))
+    judge = _rows(text, "judge")
+    assert judge[0] == ["RLHF vs SFT", "reward model (32 held-out)", "judge (32 held-out)",
+                        "reward model (30 other-source)", "judge (30 other-source)"]  # fmt: skip
+    rows = {r[0]: r[1:] for r in judge[1:]}
+    # significant (0.22 from 0.5 is 2.75 standard errors) or not (0.09 is 1 standard error): marked
+    assert rows["win rate of RLHF over SFT"] == ["0.720 ± 0.080", "0.590 ± 0.090 (n.s.)", "0.600 ± 0.090 (n.s.)", "0.430 ± 0.090 (n.s.)"]
+    assert rows["length-controlled win rate"] == ["0.660 ± 0.085 (n.s.)", "0.530 ± 0.090 (n.s.)", "0.580 ± 0.090 (n.s.)", "0.450 ± 0.090 (n.s.)"]
+    assert rows["paired score gain RLHF - SFT"][0] == "+0.590 ± 0.150"
+    assert rows["wins / ties / losses"] == ["23 / 0 / 9", "19 / 0 / 13", "18 / 0 / 12", "13 / 0 / 17"]
+    best = _rows(text, "best-of-n")
+    assert best[0] == ["held-out prompts", "RLHF (PPO)", "best-of-4 of SFT", "best-of-16 of SFT"]
+    rows = {r[0]: r[1:] for r in best[1:]}
+    assert rows["KL from SFT (nats; best-of-n: log n - (n-1)/n)"] == ["4.80 ± 0.60", "0.64", "1.83"]
+    assert rows["judge win rate over SFT"] == ["0.590 ± 0.090 (n.s.)", "0.630 ± 0.085 (n.s.)", "0.720 ± 0.080"]
+    assert rows["judge win rate, length-controlled"] == ["0.530 ± 0.090 (n.s.)", "0.600 ± 0.090 (n.s.)", "0.700 ± 0.080"]
+    assert "temperature 0.7, top_p 1.0, top_k 0, at most 64 new tokens, seed 0" in text
+    assert "32 held-out prompts (runs/x/data/eval_prompts.jsonl), 30 other-source prompts" in text
+    assert "(n.s.): less than 2 standard errors from no change" in text
+    assert "prefer the same of SFT / RLHF on 0.710 ± 0.080 of 31 held-out prompts" in text
+    # the cards: the judge's win rate is not significant, so it is not shown as a gain
+    assert re.search(r'<div class="value ">59%</div><div class="label">win rate under the held-out judge ± 9% \(n.s.\)', text)
+    assert re.search(r'<div class="value good">72%</div>', text)
 
 
 def test_report_of_partial_runs(tmp_path):
