@@ -19,14 +19,7 @@ from rlhfkit.config import EvaluateConfig, GenerationSettings, PPOConfig, Reward
 from rlhfkit.training import read_metrics
 
 from conftest import WORDS
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_ppo import reward_dir  # noqa: F401 (a fixture: the tiny reward model of PPO's tests)
 
 
 def user(text):
@@ -131,18 +124,6 @@ def test_reward_model_on_preference_equals_own_format(tiny_model_dir, tmp_path, 
 
 
 # ----------------------------------------------------------------------------- PPO and evaluation: prompt-only
-
-
-@pytest.fixture(scope="module")
-def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    from rlhfkit.models import load_tokenizer
-    from rlhfkit.reward import build_reward_model, save_reward_model
-
-    tok = load_tokenizer(str(tiny_model_dir))
-    torch.manual_seed(1)
-    rm = build_reward_model(str(tiny_model_dir), tok)
-    out = tmp_path_factory.mktemp("rm") / "final"
-    return save_reward_model(rm, tok, out, {"mean": 0.05, "std": 0.5, "base_model": str(tiny_model_dir), "lora": False})
 
 
 @pytest.fixture(scope="module")

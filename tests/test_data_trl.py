@@ -84,6 +84,13 @@ def test_prompt_only_conversational_equals_own_prompts(tmp_path):
     own = write(tmp_path / "own.jsonl", ["Hi?", {"messages": [SYSTEM, user("Sky?")]}])
     trl = write(tmp_path / "trl.jsonl", [{"prompt": "Hi?"}, {"prompt": [SYSTEM, user("Sky?")], "extra": [1, 2]}])
     assert load_prompts(str(trl)) == load_prompts(str(own))
+    # the prompts of the other TRL formats: prompt-completion, explicit and implicit preference
+    others = [
+        {"prompt": "Hi?", "completion": "Hello."},
+        {"chosen": [SYSTEM, user("Sky?"), assistant("Blue.")], "rejected": [SYSTEM, user("Sky?"), assistant("Green.")]},
+        {"prompt": [user("Hi?")], "chosen": [assistant("Hello.")], "rejected": [assistant("Go.")]},
+    ]
+    assert load_prompts(str(write(tmp_path / "others.jsonl", others))) == load_prompts(str(own)) + [[user("Hi?")]]
 
 
 @pytest.mark.parametrize(

@@ -225,14 +225,15 @@ def _comparison_from_ratings(messages, responses, scores, source, skipped: Count
 
 
 def read_prompts(path, *, stats: ReadStats | None = None) -> list[list[dict]]:
-    """Prompts as message lists: a JSON string per line, {"prompt", "system"?} or {"messages"}."""
+    """Prompts as message lists: a JSON string per line, {"prompt", "system"?} or {"messages"}; the prompt
+    of any other TRL record (prompt-completion, preference, the shared start of an implicit-prompt pair)."""
     prompts, line_no = [], 1
     for line_no, obj in rows(path):
         try:
             if isinstance(obj, str):
                 prompts.append([{"role": "user", "content": _string(obj, "<line>")}])
             elif isinstance(obj, dict):
-                prompts.append(_context(obj))
+                prompts.append(trl.implicit_prompt(obj)[0] if trl.has_implicit_prompt(obj) else _context(obj))
             else:
                 raise _Invalid("<line>", f"expected a string or an object, got {_json_type(obj)}")
         except _Invalid as e:
