@@ -100,7 +100,8 @@ class MetricsLogger:
             if isinstance(tracker, TensorBoardTracker) and resume_step:
                 tracker.init_kwargs["purge_step"] = resume_step + 1  # TensorBoard drops the redone steps too
         if accelerator is not None:
-            accelerator.init_trackers(PROJECT)
+            if not accelerator.trackers:  # once per accelerator: a second init would log everything twice
+                accelerator.init_trackers(PROJECT)
             self.trackers = accelerator.trackers
         else:
             self.trackers = own

@@ -124,3 +124,23 @@ def test_report_to_an_unknown_or_missing_tracker_is_a_config_error(tmp_path, nam
     path.write_text(f"report_to: {json.dumps(names)}\n")
     with pytest.raises(ConfigError, match=rf"sft.yaml:1: field 'report_to': .*{message}"):
         load_config(SFTConfig, path)
+
+
+def test_metrics_logger_without_an_accelerator_writes_jsonl_and_tensorboard_and_trims_on_resume(tmp_path):
+    import torch
+
+    from rlhfkit.training import MetricsLogger, RunDir, read_metrics
+
+    run = RunDir(tmp_path / "run")
+    first = MetricsLogger(run)
+    for step in (1, 2, 3):
+        first.log(step, {"loss": torch.tensor(1.0 / step), "lr": 0.1})
+    first.log(3, {"loss": 2.0}, "eval")
+    first.close()
+    resumed = MetricsLogger(run, resume_step=2)  # steps after 2 will be redone: their lines go
+    resumed.log(3, {"loss": 0.25})
+    resumed.close()
+    assert [(m["step"], m["phase"], m["loss"]) for m in read_metrics(run.metrics_file)] == [
+        (1, "train", 1.0), (2, "train", 0.5), (3, "train", 0.25)
+    ]  # fmt: skip
+    assert list((run.path / "tb").glob("events.out.tfevents.*"))

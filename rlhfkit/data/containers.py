@@ -117,8 +117,11 @@ def rows(source) -> Iterator[tuple[int, object]]:
     if dataset is None:
         yield from _jsonl_rows(source)
         return
-    for index, row in enumerate(dataset):
-        yield index, {key: value for key, value in row.items() if value is not None}
+    index = 0
+    for table in dataset.with_format("arrow").iter(batch_size=1000):  # by arrow batches: several times faster than by rows
+        for row in table.to_pylist():
+            yield index, {key: value for key, value in row.items() if value is not None}
+            index += 1
 
 
 def objects(source) -> Iterator[tuple[int, dict]]:
