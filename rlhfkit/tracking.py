@@ -31,7 +31,8 @@ def check_report_to(names: list[str]) -> list[str]:
         if name not in LOGGER_TYPE_TO_CLASS:
             known = ", ".join(n for n in LOGGER_TYPE_TO_CLASS if n != "tensorboard")
             raise ValueError(f"unknown tracker {name!r} (accelerate knows {known}; TensorBoard and metrics.jsonl are always on)")
-        if not getattr(imports, f"is_{name}_available")():
+        available = getattr(imports, f"is_{name}_available", None)  # None: a tracker registered with accelerate
+        if available is not None and not available():
             raise ValueError(f"tracker {name!r} is not installed (pip install {name.replace('_', '-')})")
     return names
 

@@ -3,7 +3,8 @@ the optimiser and schedule, and the supervised training loop used by SFT and the
 
 Run folder layout (`output_dir`):
     config.yaml              the resolved config
-    metrics.jsonl            one JSON object per logged step (also in tb/ for TensorBoard)
+    metrics.jsonl            one JSON object per logged step (also in tb/ for TensorBoard, and in the
+                             `report_to` trackers; see tracking.py)
     checkpoints/step-N/      accelerate state (model, optimiser, scheduler, RNG) + trainer_state.json
     final/                   the finished model (written last; its presence means the step is done)
 
@@ -32,15 +33,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed as seed_everything  # random, numpy, torch (and every GPU) at once
+from accelerate.utils import set_seed as seed_everything  # noqa: F401 (random, numpy, torch, every GPU; the steps import it from here)
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from .config import TrainingSettings, save_config
-from .tracking import MetricsLogger, read_metrics, trackers
-
-__all__ = ["MetricsLogger", "read_metrics", "seed_everything"]  # re-exported: the steps import them from here
+from .tracking import MetricsLogger, read_metrics, trackers  # noqa: F401 (the steps import MetricsLogger, read_metrics from here)
 
 log = logging.getLogger("rlhfkit.training")
 
