@@ -137,6 +137,8 @@ def test_prompt_only_conversational_equals_own_prompts(tmp_path):
         ),
         (load_demonstrations, {"prompt": [assistant("Hi?")], "completion": "A"}, "prompt[0].role", "must end with a user turn"),
         (load_demonstrations, {"completion": "A"}, "prompt", "missing"),
+        (load_demonstrations, {"prompt": "Hi?", "completion": "Go away.", "label": False}, "label", "unpaired preference"),
+        (load_demonstrations, {"text": "The sky is blue."}, "text", "language-modeling format"),
         (load_prompts, {"prompt": [user("Hi?"), {"role": "user"}]}, "prompt[1].content", "missing"),
     ],
 )  # fmt: skip

@@ -126,6 +126,8 @@ def _demonstration_from_json(obj: dict) -> Demonstration:
     if "completion" in obj:
         return Demonstration(*trl.prompt_completion(obj), source)
     if "messages" not in obj:
+        if "text" in obj and "prompt" not in obj:
+            raise _Invalid("text", "TRL's language-modeling format has no prompt to mask: give prompt/completion or messages")
         return Demonstration(_context(obj), _string(_get(obj, "response"), "response"), source)
     if "prompt" in obj or "response" in obj:
         raise _Invalid("messages", "give either 'messages' or 'prompt'/'response', not both")

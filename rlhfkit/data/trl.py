@@ -6,6 +6,8 @@
                         {"chosen", "rejected"}              comparisons (implicit prompt, conversational:
                                                             the shared prefix of the two conversations)
     prompt-only         {"prompt"}                          PPO and evaluation prompts
+Not read: language modeling ({"text"}: no prompt to mask; its conversational form {"messages"} is rlhfkit's
+own), unpaired preference ({"prompt", "completion", "label"}) and stepwise supervision.
 A conversational prompt ends with a user turn; a completion, chosen or rejected beside an explicit prompt
 is one assistant message. As TRL's `maybe_extract_prompt` does, a string "prompt" beside conversational
 "chosen"/"rejected" is taken for an implicit prompt (some hub sets add one). Other columns are ignored.
@@ -36,6 +38,8 @@ def prompt_completion(obj: dict) -> tuple[list[dict], str]:
     """(prompt messages, response) of a prompt-completion row."""
     if "prompt" not in obj:
         raise _Invalid("prompt", "missing (a prompt-completion row has 'prompt' and 'completion')")
+    if "label" in obj:  # TRL's unpaired preference: a completion marked good or bad is no demonstration
+        raise _Invalid("label", "an unpaired preference row (prompt, completion, label) is not a demonstration")
     return prompt(obj["prompt"]), assistant_turn(obj["completion"], "completion")
 
 
