@@ -96,6 +96,20 @@ class TrainingSettings(Section):
     """Write training metrics every N optimiser steps."""
     resume: bool = True
     """Resume from the newest checkpoint in output_dir if there is one."""
+    report_to: list[str] = []
+    """More trackers for the metrics, through accelerate (TensorBoard in tb/ and metrics.jsonl are always
+    on): any of wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab whose package is
+    installed. W&B runs offline (sync later with `wandb sync`) unless WANDB_MODE says otherwise."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value):
+        names = [n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else value
+        if names:
+            from .tracking import check_report_to
+
+            check_report_to(names)
+        return names
 
 
 class SFTConfig(TrainingSettings):

@@ -1061,7 +1061,7 @@ class PPOTrainer:
             self.kl_ctl.load_state_dict(state["kl_controller"])
         else:
             seed_everything(cfg.seed + acc.process_index)  # each process samples its own responses
-        metrics_log = MetricsLogger(self.run, acc.is_main_process, resume_step=start if state else None)
+        metrics_log = MetricsLogger(self.run, acc.is_main_process, resume_step=start if state else None, accelerator=acc)
         if acc.is_main_process and state:
             self._trim_samples(start)
         bar = tqdm(total=self.total, initial=start, desc="ppo", disable=not acc.is_main_process, dynamic_ncols=True)

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from transformers import DataCollatorWithFlattening
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -94,9 +95,11 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
 def pack(examples: list[Example], max_length: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
     """Greedy packing of examples into rows of at most `max_length` tokens (order kept).
 
-    Each row is returned with `position_ids` restarting at 0 for every example and no
-    attention_mask: transformers then builds a block-diagonal causal mask from the position ids,
-    so examples never attend to each other.
+    Each row is built by transformers' DataCollatorWithFlattening: `position_ids` restart at 0 for every
+    example and there is no attention_mask, so transformers builds a block-diagonal causal mask from the
+    position ids and examples never attend to each other; the first label of each example is -100, so no
+    token is trained to follow the previous example. (The collator flattens a whole batch into one row;
+    splitting examples into rows of at most max_length, which the data plan batches, stays ours.)
     """
     rows, current = [], []
     for ex in examples:
@@ -106,16 +109,5 @@ def pack(examples: list[Example], max_length: int, pad_token_id: int) -> list[di
         current.append(ex)
     if current:
         rows.append(current)
-    out = []
-    for row in rows:
-        ids = [t for e in row for t in e.input_ids]
-        labels = [t for e in row for t in e.labels]
-        positions = [p for e in row for p in range(len(e))]
-        out.append(
-            {
-                "input_ids": torch.tensor([ids]),
-                "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions]),
-            }
-        )
-    return out
+    flatten = DataCollatorWithFlattening(return_tensors="pt")
+    return [flatten([{"input_ids": e.input_ids, "labels": e.labels} for e in row]) for row in rows]

@@ -3,7 +3,8 @@ the optimiser and schedule, and the supervised training loop used by SFT and the
 
 Run folder layout (`output_dir`):
     config.yaml              the resolved config
-    metrics.jsonl            one JSON object per logged step (also in tb/ for TensorBoard)
+    metrics.jsonl            one JSON object per logged step (also in tb/ for TensorBoard, and in the
+                             `report_to` trackers; see tracking.py)
     checkpoints/step-N/      accelerate state (model, optimiser, scheduler, RNG) + trainer_state.json
     final/                   the finished model (written last; its presence means the step is done)
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import shutil
 import time
 from contextlib import nullcontext
@@ -33,9 +33,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed as seed_everything  # noqa: F401 (random, numpy, torch, every GPU; the steps import it from here)
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from .config import TrainingSettings, save_config
+from .tracking import MetricsLogger, read_metrics, trackers  # noqa: F401 (the steps import MetricsLogger, read_metrics from here)
 
 log = logging.getLogger("rlhfkit.training")
 
@@ -64,58 +68,6 @@ class RunDir:
 
 def save_run_config(cfg, run: RunDir) -> None:
     save_config(cfg, run.path / "config.yaml")
-
-
-class MetricsLogger:
-    """Metrics to `metrics.jsonl` and TensorBoard, on the main process only."""
-
-    def __init__(self, run: RunDir, enabled: bool = True, resume_step: int | None = None):
-        self.enabled = enabled
-        self.file = run.metrics_file
-        self.writer = None
-        if not enabled:
-            return
-        run.path.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.file.exists():
-            # Steps after the checkpoint will be redone: drop their old lines.
-            kept = [l for l in self.file.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            self.file.write_text("".join(l + "\n" for l in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run.path / "tb"), purge_step=resume_step + 1 if resume_step else None)
-        except ImportError:  # tensorboard is a dependency, but metrics.jsonl alone is enough
-            log.warning("tensorboard not importable; writing metrics.jsonl only")
-
-    def log(self, step: int, metrics: dict[str, float], phase: str = "train") -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, "phase": phase, "time": time.time(), **{k: _scalar(v) for k, v in metrics.items()}}
-        with self.file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k, v in metrics.items():
-                v = _scalar(v)
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"{phase}/{k}", v, step)
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _scalar(v):
-    if isinstance(v, torch.Tensor):
-        return v.item()
-    return v
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
 def peak_memory_mb() -> float:
@@ -153,18 +105,8 @@ def make_accelerator(cfg: TrainingSettings) -> Accelerator:
         mixed_precision=wanted,
         cpu=not torch.cuda.is_available(),
         step_scheduler_with_optimizer=False,
+        log_with=trackers(cfg.output_dir, cfg.report_to),  # started by MetricsLogger
     )
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainingSettings) -> torch.optim.Optimizer:
@@ -183,16 +125,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingSettings) -> torch.optim
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingSettings, total_steps: int):
-    """Linear warm-up then cosine decay to learning_rate * min_lr_ratio."""
+    """Linear warm-up then cosine decay to learning_rate * min_lr_ratio (transformers' schedule)."""
     warmup = int(round(cfg.warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_cosine_with_min_lr_schedule_with_warmup_lr_rate(optimizer, warmup, total_steps, min_lr_rate=cfg.min_lr_ratio)
 
 
 # ----------------------------------------------------------------------------- data plan
@@ -238,13 +173,14 @@ class DataPlan:
 
     def _make_epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        order = torch.randperm(len(self.items), generator=g).tolist()
         if self.length is None:
-            return order
-        # Like transformers' LengthGroupedSampler: sort random windows by length, so a global batch
-        # holds similar lengths; then shuffle the batches so long and short ones alternate over time.
-        n, w = self.global_batch, self.global_batch * self.length_window
-        order = [i for s in range(0, len(order), w) for i in sorted(order[s : s + w], key=lambda i: -self.length(self.items[i]))]
+            return torch.randperm(len(self.items), generator=g).tolist()
+        # transformers' LengthGroupedSampler order (random windows of global batches, each sorted by length),
+        # from a generator seeded by (seed, epoch) so that it stays resumable by step (the sampler's own
+        # generator state is not); then the batches are shuffled so long and short ones alternate over time.
+        n = self.global_batch
+        lengths = [self.length(item) for item in self.items]
+        order = get_length_grouped_indices(lengths, n, mega_batch_mult=self.length_window, generator=g)
         full = len(order) // n * n
         batches = [order[s : s + n] for s in range(0, full, n)]
         return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]] + order[full:]
@@ -275,6 +211,10 @@ def total_steps_for(plan: DataPlan, cfg: TrainingSettings) -> int:
 
 
 class Checkpointer:
+    """Kept rather than accelerate's ProjectConfiguration(total_limit=...): that rotation works only with its
+    checkpoint_<i> names and deletes the oldest checkpoint before the new one is written, so a kill
+    during a save could leave none; here the new one is written, renamed into place, then old ones go."""
+
     def __init__(self, run: RunDir, accelerator: Accelerator, keep: int = 1):
         self.run, self.accelerator, self.keep = run, accelerator, keep
 
@@ -347,7 +287,7 @@ def train_supervised(
     checkpointer = Checkpointer(run, accelerator, cfg.keep_checkpoints)
     state = checkpointer.load_latest() if cfg.resume else None
     start = state["step"] if state else 0
-    metrics = MetricsLogger(run, accelerator.is_main_process, resume_step=start if state else None)
+    metrics = MetricsLogger(run, accelerator.is_main_process, resume_step=start if state else None, accelerator=accelerator)
     result = LoopResult(steps=start, resumed_from=start if state else None)
 
     if start == 0:
