@@ -118,8 +118,9 @@ class SFTConfig(TrainingSettings):
     output_dir: str = "runs/sft"
     """Run folder: checkpoints, metrics (metrics.jsonl, TensorBoard), the final model in final/."""
     data: list[str] | str = "examples/data/sft_demos.jsonl"
-    """Demonstrations: a path (JSONL, .gz allowed) or a list of them, optionally prefixed by a format:
-    'jsonl:', 'hh-rlhf:', 'oasst:', 'self-instruct:'."""
+    """Demonstrations: a path or a list of them (JSONL/JSON, .gz allowed, parquet, arrow, CSV, a save_to_disk
+    folder with optional @split, or a hub dataset id in the local HF cache), in rlhfkit's shapes or TRL's
+    prompt-completion format, optionally prefixed by a format: 'jsonl:', 'hh-rlhf:', 'oasst:', 'self-instruct:'."""
     eval_data: list[str] | str | None = None
     """Held-out demonstrations; if unset, eval_fraction of the prompts of `data` are held out."""
     eval_fraction: float = Field(0.05, ge=0, lt=1)
@@ -168,7 +169,8 @@ class GenerateConfig(Section):
     model: str = "default"
     """Model to sample from: a run folder (its final/ is used), a model folder, an HF hub id or 'default'."""
     prompts: list[str] | str = "examples/data/prompts.jsonl"
-    """Prompts: JSONL of strings, {"prompt": ...} or {"messages": [...]}, optionally format-prefixed."""
+    """Prompts (any data file or dataset, see `sft.data`): strings, {"prompt": ...} (TRL's prompt-only, or the
+    prompt of any TRL record) or {"messages": [...]}, optionally format-prefixed."""
     output: str = "generations.jsonl"
     """Where the responses are written (JSONL: prompt, messages, response, model, sampling, has_eos)."""
     num_samples: int = Field(1, ge=1)
@@ -189,8 +191,9 @@ class RewardConfig(TrainingSettings):
     model: str = "default"
     """Model to start from: an SFT run folder (its final/ is used), a model folder, an HF hub id or 'default'."""
     data: list[str] | str = "examples/data/hh_pairs.jsonl"
-    """Comparisons: a path (JSONL, .gz allowed: pairs, K-wise rankings or ratings) or a list of them,
-    optionally prefixed by a format: 'jsonl:', 'hh-rlhf:', 'oasst:'."""
+    """Comparisons: a path or a list of them (JSONL/JSON, .gz allowed, parquet, arrow, CSV, a save_to_disk folder
+    with optional @split, or a hub dataset id in the local HF cache): pairs, K-wise rankings or ratings, or TRL's
+    preference format (explicit or implicit prompt), optionally prefixed by a format: 'jsonl:', 'hh-rlhf:', 'oasst:'."""
     eval_data: list[str] | str | None = None
     """Held-out comparisons; if unset, eval_fraction of the prompts of `data` are held out."""
     eval_fraction: float = Field(0.05, ge=0, lt=1)
@@ -281,7 +284,8 @@ class PPOConfig(TrainingSettings):
     and reference, and for the reward model and critic) and start every later pass from it, instead of
     running those blocks again in each pass and epoch. Costs one (prompt + response) x hidden tensor per base."""
     prompts: list[str] | str = "examples/data/prompts.jsonl"
-    """Training prompts: a path or a list of them, optionally format-prefixed ('jsonl:', 'hh-rlhf:', 'oasst:', 'self-instruct:')."""
+    """Training prompts: a path or a list of them (any data file or dataset, see `sft.data`; TRL's prompt-only
+    format too), optionally format-prefixed ('jsonl:', 'hh-rlhf:', 'oasst:', 'self-instruct:')."""
     generation: RolloutSettings = RolloutSettings()
     """Rollout sampling settings."""
     prompts_per_iteration: int = Field(64, ge=2)
@@ -530,7 +534,8 @@ class CandidatesConfig(Section):
     """Models to sample from (each a run folder, whose final/ is used, a model folder, an HF hub id or 'default').
     The k responses of a prompt are split across them round-robin: response j comes from model j % len(models)."""
     prompts: list[str] | str = "examples/data/prompts.jsonl"
-    """Prompts: JSONL of strings, {"prompt": ...} or {"messages": [...]}, optionally format-prefixed. Repeats are dropped."""
+    """Prompts (any data file or dataset, see `sft.data`): strings, {"prompt": ...} or {"messages": [...]},
+    optionally format-prefixed. Repeats are dropped."""
     output: str = "tasks.jsonl"
     """The task file for `rlhfkit label serve --tasks`: one {"id", "messages", "responses": [{"text", "model",
     "sampling"}]} per prompt; the id is a hash of the prompt conversation (stable across runs)."""

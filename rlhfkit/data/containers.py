@@ -97,7 +97,11 @@ def _dataset(source: str):
         if builder is None or (builder == "json" and not _is_json_array(path)):
             return None
     elif not path.is_dir() and not (_HUB_ID.fullmatch(path_text) and not path.suffix):
-        raise FileNotFoundError(f"{source}: no such file or folder")
+        raise FileNotFoundError(
+            f"{source}: no such file or folder (relative paths start at {Path.cwd()}). rlhfkit's example data is bundled "
+            "in the project's examples/data/ (its README says where each file comes from): run from the project root, "
+            "or point the config field at your copy (e.g. `--data PATH`, `--prompts PATH`)."
+        )
 
     import datasets  # imported only here: it takes a second or two
 
