@@ -88,12 +88,12 @@ def test_hub_dataset_from_the_local_cache(tmp_path, monkeypatch, pairs_jsonl):
 
 
 def test_score_command_detects_comparisons_in_a_dataset(tmp_path, pairs_jsonl):
-    from rlhfkit.reward import _input_kind
+    from rlhfkit.reward.commands import input_kind
 
     datasets.Dataset.from_list(PAIRS).to_parquet(str(tmp_path / "pairs.parquet"))
     datasets.Dataset.from_list([{"prompt": "Hi?", "completion": "Hello."}]).to_parquet(str(tmp_path / "demos.parquet"))
-    assert _input_kind(str(tmp_path / "pairs.parquet")) == "comparisons"
-    assert _input_kind(str(tmp_path / "demos.parquet")) == "demonstrations"
+    assert input_kind(str(tmp_path / "pairs.parquet")) == "comparisons"
+    assert input_kind(str(tmp_path / "demos.parquet")) == "demonstrations"
 
 
 def test_csv_prompts_and_demonstrations(tmp_path):

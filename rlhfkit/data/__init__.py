@@ -35,8 +35,6 @@ from .oasst import read_oasst_comparisons, read_oasst_demonstrations, read_oasst
 from .records import ROLES, Comparison, DataError, Demonstration, Message, Prompt, ReadStats
 from .self_instruct import read_self_instruct
 
-_jsonl_rows = rows  # the name reward.py's `score` imports
-
 __all__ = [
     "DEFAULT_SCORE_RANGE", "FORMATS", "ROLES", "Comparison", "DataError", "Demonstration", "Message", "Prompt",
     "ReadStats", "comparison_to_json", "demonstration_to_json", "load_comparisons", "load_demonstrations",

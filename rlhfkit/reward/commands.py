@@ -11,16 +11,14 @@ from .folder import convert_legacy_reward_model, load_reward_model, reward_model
 from .scoring import score, score_comparisons
 
 
-def _input_kind(spec: str) -> str:
+def input_kind(spec: str) -> str:
     """'comparisons' or 'demonstrations', from the format prefix or the first record's keys."""
-    from ..data import parse_spec
+    from ..data import parse_spec, rows
 
     fmt, path = parse_spec(spec)
     if fmt != "jsonl":
         return "demonstrations" if fmt == "self-instruct" else "comparisons"
-    from ..data import _jsonl_rows
-
-    for _, obj in _jsonl_rows(path):
+    for _, obj in rows(path):
         keys = set(obj) if isinstance(obj, dict) else set()
         return "comparisons" if keys & {"chosen", "rejected", "responses", "ranking", "score"} else "demonstrations"
     return "comparisons"
@@ -33,7 +31,7 @@ def run_score(reward_model: str, spec: str, output: str, batch_size: int = 16, n
 
     rm, tokenizer, _ = load_reward_model(reward_model)
     field = "rewards" if normalise else "raw_rewards"
-    if _input_kind(spec) == "comparisons":
+    if input_kind(spec) == "comparisons":
         comparisons = load_comparisons(spec, score_range=None)
         scores = score_comparisons(rm, tokenizer, comparisons, batch_size, normalise=normalise)
         records = [{**comparison_to_json(c), field: s} for c, s in zip(comparisons, scores)]
