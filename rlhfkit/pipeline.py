@@ -224,9 +224,9 @@ def _write_if_changed(path: Path, records: list) -> bool:
 
 def shared_prompts(first: list, second: list) -> set[str]:
     """Prompts (opening user turns, the key of `split_by_prompt`) that two lists of records both have."""
-    from .data import _split_key  # the one definition of "the same prompt"
+    from .data import prompt_key  # the one definition of "the same prompt" (split_by_prompt keys on it)
 
-    return {_split_key(r) for r in first} & {_split_key(r) for r in second}
+    return {prompt_key(r) for r in first} & {prompt_key(r) for r in second}
 
 
 def prepare_data(plan: Plan) -> None:

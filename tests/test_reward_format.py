@@ -257,6 +257,7 @@ def test_evaluate_with_a_trl_reward_model(tiny_model_dir, foreign_rm, tmp_path):
         generation=GenerationSettings(max_new_tokens=6, temperature=1.0, top_p=1.0, batch_size=4),
     )  # fmt: skip
     metrics, records = evaluate_policies(cfg, progress=False)
+    records = records["heldout"]
     assert metrics["reward_model_accuracy"]["pairs"] > 8
     rm, tok, _ = load_reward_model(foreign_rm)
     got = [r["sft"]["score"] for r in records]

@@ -30,7 +30,7 @@ from .formats import (
     write_jsonl,
 )
 from .hh_rlhf import parse_hh_transcript, read_hh_rlhf, read_hh_rlhf_demonstrations
-from .load import FORMATS, load_comparisons, load_demonstrations, load_prompts, parse_spec, split_by_prompt
+from .load import FORMATS, load_comparisons, load_demonstrations, load_prompts, parse_spec, prompt_key, split_by_prompt
 from .oasst import read_oasst_comparisons, read_oasst_demonstrations, read_oasst_prompts
 from .records import ROLES, Comparison, DataError, Demonstration, Message, Prompt, ReadStats
 from .self_instruct import read_self_instruct
@@ -41,5 +41,5 @@ __all__ = [
     "load_prompts", "parse_hh_transcript", "parse_spec", "prompt_to_json", "read_comparisons",
     "read_demonstrations", "read_hh_rlhf", "read_hh_rlhf_demonstrations", "read_oasst_comparisons",
     "read_oasst_demonstrations", "read_oasst_prompts", "read_prompts", "read_self_instruct", "rows",
-    "split_by_prompt", "write_jsonl",
+    "prompt_key", "split_by_prompt", "write_jsonl",
 ]  # fmt: skip

@@ -101,7 +101,7 @@ def load_prompts(spec, *, stats: ReadStats | None = None) -> list[list[dict]]:
 # Train/eval split
 
 
-def _split_key(record) -> str:
+def prompt_key(record) -> str:
     """What must not be on both sides: the opening user turn. Keying on it (not the whole
     conversation) also keeps together the turns of one OASST tree and HH-RLHF conversations
     that start the same way."""
@@ -121,10 +121,10 @@ def split_by_prompt(records: list, eval_fraction: float, seed: int = 0) -> tuple
         digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
-    buckets = {key: bucket(key) for key in {_split_key(r) for r in records}}
+    buckets = {key: bucket(key) for key in {prompt_key(r) for r in records}}
     to_eval = {key for key, b in buckets.items() if b < eval_fraction}
     if eval_fraction > 0 and not to_eval and len(buckets) >= 2:
         to_eval = {min(buckets, key=buckets.get)}
-    train = [r for r in records if _split_key(r) not in to_eval]
-    evaluation = [r for r in records if _split_key(r) in to_eval]
+    train = [r for r in records if prompt_key(r) not in to_eval]
+    evaluation = [r for r in records if prompt_key(r) in to_eval]
     return train, evaluation
