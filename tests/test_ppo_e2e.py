@@ -135,7 +135,7 @@ def run_pipeline(root: Path, **ppo_overrides) -> dict:
     # 3. reward model (step 2's code), normalised on the demonstrations
     rm_cfg = RewardConfig(
         model=str(root / "sft"), data=str(root / "comparisons.jsonl"), output_dir=str(root / "reward"), precision="fp32",
-        batch_size=8, max_steps=60, learning_rate=1e-3, eval_every=0, checkpoint_every=0, eval_fraction=0.15,
+        batch_size=8, max_steps=100, learning_rate=1e-3, eval_every=0, checkpoint_every=0, eval_fraction=0.15,
         max_length=64, reference_data=str(root / "demos.jsonl"),
     )  # fmt: skip
     run_reward(rm_cfg)
