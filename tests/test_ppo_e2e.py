@@ -91,7 +91,7 @@ def run_pipeline(root: Path, **ppo_overrides) -> dict:
     from rlhfkit.config import GenerationSettings, PPOConfig, RewardConfig, SFTConfig
     from rlhfkit.data import Comparison, comparison_to_json, write_jsonl
     from rlhfkit.generate import generate_responses, load_for_inference
-    from rlhfkit.ppo import run_ppo
+    from rlhfkit.rl import run_ppo
     from rlhfkit.reward import run_reward
     from rlhfkit.sft import run_sft
     from rlhfkit.training import read_metrics
