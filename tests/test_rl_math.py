@@ -13,6 +13,8 @@ from rlhfkit.rl.math import (
     aggregate,
     clipped_surrogate,
     grpo_advantages,
+    k3_in_loss,
+    kl_penalty,
     per_token,
     policy_loss,
     rloo_advantages,
@@ -161,3 +163,20 @@ def test_clipped_surrogate_is_the_per_token_policy_loss(garbage):
     mean, _ = policy_loss(logprobs, old, adv, MASK, 0.2)
     torch.testing.assert_close(mean, expected.sum() / 5)
     assert stats["clipfrac"].item() == 0.0  # the only clipped ratio (2.226 > 1.2, A < 0) is on the harmless side
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_k3_in_the_loss_by_hand_with_padding(garbage):
+    """GRPO's KL term: r - log r - 1 with r = pi_ref / pi_theta; -inf (or other garbage) log-probs on padding
+    (the pad id is outside the sampling support) give 0 there and a finite gradient."""
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]]).masked_fill(PAD, garbage).requires_grad_(True)
+    ref = torch.tensor([[-1.5, -2.0, -0.1], [-0.3, -0.2, 0.0]])
+    k3 = k3_in_loss(logprobs, ref, MASK)
+    r = lambda d: math.exp(d) - d - 1  # noqa: E731  d = log pi_ref - log pi_theta
+    expected = torch.tensor([[r(-0.5), 0.0, r(0.4)], [0.0, r(1.0), 0.0]])
+    torch.testing.assert_close(k3, expected)
+    torch.testing.assert_close(k3[MASK.bool()], kl_penalty(logprobs, ref, "k3")[MASK.bool()])
+    aggregate(k3, MASK, "sequence").backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[1, 2] == 0
+    # d k3 / d log pi_theta = 1 - r: by hand for the first token (weight 1/3 in its response, 2 responses)
+    assert logprobs.grad[0, 0].item() == pytest.approx((1 - math.exp(-0.5)) / 6)

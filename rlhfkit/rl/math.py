@@ -50,6 +50,7 @@ __all__ = [
     "rloo_advantages",
     "grpo_advantages",
     "per_token",
+    "k3_in_loss",
     "token_weights",
     "weighted_token_sum",
     "aggregate",
@@ -418,6 +419,19 @@ def per_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A per-response value ``(B,)`` on every valid token of its response: ``(B, T)``, 0 on padding."""
     m = _bool_mask(mask)
     return _zero_padding(values.detach().unsqueeze(1).expand(m.shape).to(torch.promote_types(values.dtype, torch.float32)), m)
+
+
+def k3_in_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's KL term per token (Shao et al. 2024, eq. 4), differentiable through the tuned policy's ``logprobs``:
+
+        k3 = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1    (>= 0; its gradient is that of KL(pi_theta || pi_ref))
+
+    ``(B, T)``, 0 on padding: the log-ratio is zeroed there BEFORE the exponential, so a -inf log-prob on
+    padding (the pad id is outside the sampling support) gives neither inf nor a NaN gradient.
+    """
+    m = _bool_mask(mask)
+    log_ratio = _zero_padding(logprobs - ref_logprobs.detach(), m)  # log pi_theta - log pi_ref
+    return _zero_padding(kl_penalty(log_ratio, torch.zeros_like(log_ratio), "k3"), m)
 
 
 LOSS_AGGREGATIONS = ("token", "sequence", "constant")

@@ -45,7 +45,7 @@ from ..training import (
 )
 from .frozen_cache import FrozenCache
 from .kl_control import AdaptiveKLController, FixedKLController
-from .math import clipped_surrogate, kl_penalty, masked_mean, weighted_token_sum
+from .math import clipped_surrogate, k3_in_loss, masked_mean, weighted_token_sum
 from .networks import CRITIC_ADAPTER, POLICY_ADAPTER, ActorCritic, build_networks, model_inputs
 from .rollout import Experience, Rollout, Samples, sample
 
@@ -282,7 +282,7 @@ class OnlineTrainer:
         """GRPO's KL term: beta * k3(pi_theta, pi_ref) per token, weighted like the policy loss (0 unless `kl_in: loss`)."""
         if self.cfg.kl_placement != "loss":
             return logprobs.new_zeros(())
-        k3 = kl_penalty(logprobs, micro["ref_logprobs"], "k3")
+        k3 = k3_in_loss(logprobs, micro["ref_logprobs"], micro["mask"])
         stats.add("kl_loss", masked_mean(k3.detach(), micro["mask"]).item(), float(micro["mask"].sum()))
         return self.kl_ctl.value * weighted_token_sum(k3, weights, micro["mask"])
 
