@@ -262,3 +262,38 @@ def test_grpo_two_processes_give_the_single_process_gradient(tiny_model_dir, rew
     torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-6)
     assert (tmp_path / "two" / "final" / "config.json").exists()
     assert [m["step"] for m in read_metrics(tmp_path / "two" / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("algorithm", list(CRITIC_FREE))
+def test_train_top_layers_cache_changes_no_number(tiny_model_dir, reward_dir, prompts_file, tmp_path, algorithm):
+    """The frozen blocks' output computed once per rollout serves the policy and the reference without a critic too."""
+    runs = []
+    for cache in (False, True):
+        cfg = critic_free_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / f"cache{cache}", algorithm, max_steps=1,
+                                 train_top_layers=1, cache_frozen_activations=cache, missing_eos="none")  # fmt: skip
+        trainer = make_trainer(cfg)
+        torch.manual_seed(0)
+        metrics = trainer.iteration(0)
+        runs.append((trainer, metrics, [p.detach().clone() for p in trainer.policy_params]))
+    (t0, m0, w0), (t1, m1, w1) = runs
+    assert t0.ac.policy_split == 0 and t1.ac.policy_split == 1 and t1.last_rollout.policy_frozen is not None
+    for key in ("policy_loss", "score", "kl", "approx_kl"):
+        assert m0[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
+    for a, b in zip(w0, w1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_means_weigh_and_total():
+    from types import SimpleNamespace
+
+    from rlhfkit.rl.trainer import Means
+
+    stats = Means()
+    stats.add("loss", 2.0, 3.0)  # a mean of 2 over 3 tokens
+    stats.add("loss", 4.0, 1.0)
+    stats.add("empty", 5.0, 0.0)
+    stats.total("tokens", 7)
+    stats.total("tokens", 5)
+    out = stats.reduce(SimpleNamespace(device=torch.device("cpu"), num_processes=1))  # one process
+    assert out["loss"] == pytest.approx((2 * 3 + 4) / 4) and out["tokens"] == 12.0
+    assert out["empty"] != out["empty"]  # NaN: nothing weighed
