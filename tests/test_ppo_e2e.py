@@ -203,6 +203,7 @@ def test_rlhf_raises_gold_score_within_kl_bound(tmp_path):
 CRITIC_FREE = {
     "rloo": dict(algorithm="rloo", samples_per_prompt=4, prompts_per_iteration=8),
     "grpo": dict(algorithm="grpo", samples_per_prompt=4, prompts_per_iteration=8),
+    "dr_grpo": dict(algorithm="grpo", grpo_variant="dr_grpo", samples_per_prompt=4, prompts_per_iteration=8),
 }
 
 
@@ -216,7 +217,7 @@ def sft_and_reward(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("method", list(CRITIC_FREE))
 def test_critic_free_methods_raise_gold_score_within_kl_bound(sft_and_reward, method):
-    """The same gold-preference check for RLOO and GRPO (no critic). Each can fail, e.g.
+    """The same gold-preference check for RLOO, GRPO and Dr. GRPO (no critic). Each can fail, e.g.
     `python tests/test_ppo_e2e.py --algorithm grpo --samples_per_prompt 4 --prompts_per_iteration 8 --learning_rate 1e-9`."""
     r = run_step3(sft_and_reward, out=method, **CRITIC_FREE[method])
     print(method, json.dumps(r, indent=1))

@@ -299,13 +299,14 @@ class OnlineTrainer:
         logprobs, _, entropy, _, _ = outputs
         mask, weights = micro["mask"], micro["weights"]
         per_token_loss, pg_stats = clipped_surrogate(logprobs, micro["old_logprobs"], micro["advantages"], mask, self.cfg.clip_range)
-        loss = weighted_token_sum(per_token_loss, weights, mask) + self.kl_in_loss(logprobs, micro, weights, stats)
+        pg_loss = weighted_token_sum(per_token_loss, weights, mask)
+        loss = pg_loss + self.kl_in_loss(logprobs, micro, weights, stats)
         n_tokens, units = float(mask.sum()), float(micro["units"].sum())
         if entropy is not None:
             loss = loss - self.cfg.entropy_coef * weighted_token_sum(entropy, weights, mask)
             stats.add("entropy_train", masked_mean(entropy, mask).item(), n_tokens)
         check_finite("policy loss", loss.detach(), self.iteration_index + 1)
-        stats.add("policy_loss", loss.item() / max(units, 1e-12), units)
+        stats.add("policy_loss", pg_loss.item() / max(units, 1e-12), units)  # the surrogate alone, as PPO's
         for name, value in (("policy_clipfrac", pg_stats["clipfrac"]), ("approx_kl", pg_stats["approx_kl"]),
                             (f"approx_kl_epoch{epoch + 1}", pg_stats["approx_kl"]), ("ratio", pg_stats["ratio_mean"])):  # fmt: skip
             stats.add(name, value.item(), n_tokens)
