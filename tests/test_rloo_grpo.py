@@ -297,3 +297,27 @@ def test_means_weigh_and_total():
     out = stats.reduce(SimpleNamespace(device=torch.device("cpu"), num_processes=1))  # one process
     assert out["loss"] == pytest.approx((2 * 3 + 4) / 4) and out["tokens"] == 12.0
     assert out["empty"] != out["empty"]  # NaN: nothing weighed
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_one_adamw_with_a_group_per_role(tiny_model_dir, reward_dir, prompts_file, tmp_path, weight_decay):
+    """PPO: one optimiser and one schedule; the policy and the critic are its parameter groups (split by weight decay
+    only when there is some), with their own learning rates, scaled alike by the schedule."""
+    from rlhfkit.rl import PPOTrainer
+
+    cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", learning_rate=1e-3, critic_learning_rate=5e-3,
+                     weight_decay=weight_decay, warmup_ratio=0.5)  # fmt: skip
+    trainer = PPOTrainer(cfg)
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == (2 if weight_decay == 0 else 4)
+    policy, critic = {id(p) for p in trainer.policy_params}, {id(p) for p in trainer.critic_params}
+    for group in groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= policy or ids <= critic
+        assert group["initial_lr"] == (1e-3 if ids <= policy else 5e-3)
+        assert group["weight_decay"] == (weight_decay if all(p.ndim >= 2 for p in group["params"]) else 0.0)
+    assert sum(len(g["params"]) for g in groups) == len(policy) + len(critic)
+    trainer.optimizer.step()  # no gradients yet: nothing moves
+    trainer.scheduler.step()  # the one schedule scales both roles' rates by the same factor
+    factor = {g["lr"] / g["initial_lr"] for g in groups}
+    assert len(factor) == 1 and 0 < factor.pop() < 1

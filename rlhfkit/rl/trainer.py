@@ -101,14 +101,14 @@ def _sync(device) -> None:
 
 
 def make_optimizer(groups: list[tuple[list[torch.nn.Parameter], float]], cfg: PPOConfig) -> torch.optim.Optimizer:
-    """One AdamW; a parameter group per role (policy, critic) and learning rate; no weight decay on biases and
-    norm weights (1-D parameters), as `training.make_optimizer`."""
+    """One AdamW with a parameter group per role (policy, critic) and its learning rate; with weight_decay > 0
+    each role is split once more so that biases and norm weights (1-D) get none, as in `training.make_optimizer`."""
     param_groups = []
     for params, lr in groups:
-        for decay in (True, False):
-            chosen = [p for p in params if (p.ndim >= 2) == decay]
+        split = [[p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]] if cfg.weight_decay else [params]
+        for chosen, decay in zip(split, (cfg.weight_decay, 0.0)):
             if chosen:
-                param_groups.append({"params": chosen, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
+                param_groups.append({"params": chosen, "lr": lr, "weight_decay": decay})
     try:  # the fused kernel is several times faster than the per-tensor loop (see training.make_optimizer)
         return torch.optim.AdamW(param_groups, betas=cfg.adam_betas, fused=True)
     except (RuntimeError, ValueError):
