@@ -1,9 +1,16 @@
 """PPO throughput: seconds per PPO iteration and peak memory, rlhfkit vs TRL 1.12's
-`trl.experimental.ppo.PPOTrainer`, at one fixed configuration.
+`trl.experimental.ppo.PPOTrainer`, at one fixed configuration; and rlhfkit's RLOO and GRPO beside its PPO.
 
     python benchmarks/ppo_throughput.py [--trl-python .venv-trl/bin/python] [--prompts 16] [--response-length 64]
                                         [--ppo-epochs 4] [--minibatch 8] [--batch 8] [--iterations 3]
                                         [--layouts lora,lora8,full,top8] [--trl-layouts full,lora8,top8]
+                                        [--algorithms ppo,rloo,grpo] [--samples-per-prompt 4]
+
+Algorithms (`--algorithms`, rlhfkit rows): `ppo` rows are named by their layout (`rlhfkit lora`); `rloo` and
+`grpo` rows (`rlhfkit grpo lora`) run the same layout without a critic (no value network in memory, no value
+passes). They sample `--samples-per-prompt` (k) responses to each of `--prompts` / k prompts, so every row
+generates, scores and trains on the same number of responses (`--prompts`) of the same length, from the same
+prompt tokens.
 
 Layouts (one row each): `lora` - rlhfkit's shared-base LoRA layout (policy adapter on the SFT base,
 reference = adapter off; critic adapter on the reward model's base, reward model = adapter off: two
@@ -99,8 +106,9 @@ def run_rlhfkit(args, paths: dict, work: Path) -> dict:
     """The real PPO loop (`PPOTrainer.train`) with responses forced to the full length."""
     import torch
 
-    import rlhfkit.ppo as ppo
+    import rlhfkit.rl.rollout as rollout
     from rlhfkit.config import PPOConfig
+    from rlhfkit.rl import make_trainer
     from rlhfkit.training import read_metrics
 
     torch.set_num_threads(args.threads)
@@ -110,16 +118,20 @@ def run_rlhfkit(args, paths: dict, work: Path) -> dict:
         out = model.generate(
             input_ids=prompt_ids, attention_mask=attention_mask, max_new_tokens=gen.max_new_tokens,
             min_new_tokens=gen.max_new_tokens, do_sample=True, temperature=gen.temperature, top_p=1.0, top_k=None,
-            eos_token_id=eos_id, pad_token_id=pad_id,
+            eos_token_id=eos_id, pad_token_id=pad_id, num_return_sequences=num_samples,
         )  # fmt: skip
         return out[:, prompt_ids.shape[1] :]
 
-    ppo.sample_ids = full_length
+    rollout.sample_ids = full_length
     layout = ("lora" if args.lora else "top" if args.train_top_layers else "full") + str(args.train_top_layers or "")
-    out = work / f"rlhfkit-run-{layout}"  # a fresh run folder per layout
+    out = work / f"rlhfkit-run-{args.algorithm}-{layout}"  # a fresh run folder per algorithm and layout
+    k = 1 if args.algorithm == "ppo" else args.samples_per_prompt
+    if args.prompts % k:
+        raise SystemExit(f"--prompts {args.prompts} must be a multiple of --samples-per-prompt {k}")
     cfg = PPOConfig(
+        algorithm=args.algorithm, samples_per_prompt=k,
         policy_model=paths["policy"], reward_model=paths["reward"], prompts=paths["prompts"], output_dir=str(out),
-        precision=args.precision, prompts_per_iteration=args.prompts, minibatch_size=args.minibatch, batch_size=args.batch,
+        precision=args.precision, prompts_per_iteration=args.prompts // k, minibatch_size=args.minibatch, batch_size=args.batch,
         ppo_epochs=args.ppo_epochs, max_steps=args.iterations + args.warmup, learning_rate=1e-6, resume=False,
         generation={"max_new_tokens": args.response_length, "temperature": 0.7, "batch_size": args.batch,
                     "max_prompt_length": args.prompt_length},
@@ -127,7 +139,7 @@ def run_rlhfkit(args, paths: dict, work: Path) -> dict:
         **({"lora": {"enabled": True, "r": 16, "alpha": 32}} if args.lora else {}),
         train_top_layers=args.train_top_layers,
     )  # fmt: skip
-    ppo.PPOTrainer(cfg).train()
+    make_trainer(cfg).train()
     rows = read_metrics(out / "metrics.jsonl")[args.warmup :]
     stamps = [m["time"] for m in read_metrics(out / "metrics.jsonl")]
     seconds = (stamps[-1] - stamps[args.warmup - 1]) / args.iterations if args.warmup else sum(
@@ -162,6 +174,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--layouts", default="lora,lora8,full", help="rlhfkit rows: comma-separated lora | loraN | full | topN")
     parser.add_argument("--trl-layouts", default="full", help="TRL rows: comma-separated full | lora | loraN | topN (the first is the reference)")
+    parser.add_argument("--algorithms", default="ppo,rloo,grpo", help="rlhfkit rows: comma-separated ppo | rloo | grpo (each with every layout)")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="k of the RLOO and GRPO rows (they roll out --prompts / k prompts)")
+    parser.add_argument("--algorithm", default="ppo", choices=["ppo", "rloo", "grpo"], help="(internal) the rlhfkit row's algorithm")
     parser.add_argument("--lora", action="store_true", help="(internal) LoRA r=16 on policy and critic")
     parser.add_argument("--train-top-layers", type=int, default=0, help="(internal) rlhfkit: train the top N blocks only")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -185,9 +200,11 @@ def main() -> None:
                   "--precision", args.precision, "--threads", str(args.threads)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1"}
         runs = []
-        for layout in args.layouts.split(","):
-            runs.append((f"rlhfkit {layout}", [sys.executable, __file__, "--engine", "rlhfkit", "--work", str(work), *common,
-                                               *layout_flags(layout, "--layouts")]))  # fmt: skip
+        for algorithm in args.algorithms.split(","):
+            for layout in args.layouts.split(","):
+                name = f"rlhfkit {layout}" if algorithm == "ppo" else f"rlhfkit {algorithm} {layout}"
+                runs.append((name, [sys.executable, __file__, "--engine", "rlhfkit", "--work", str(work), *common, "--algorithm", algorithm,
+                                    "--samples-per-prompt", str(args.samples_per_prompt), *layout_flags(layout, "--layouts")]))  # fmt: skip
         if Path(args.trl_python).exists():
             for layout in args.trl_layouts.split(","):
                 runs.append((f"trl {layout}", [args.trl_python, str(PEER), "--policy", paths["policy"], "--prompt-ids",
@@ -209,16 +226,16 @@ def main() -> None:
 
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {args.threads} threads)"
         print(
-            f"\nPPO iteration - model {args.model}, {args.prompts} prompts x "
+            f"\nOne iteration - model {args.model}, {args.prompts} responses (PPO: 1 per prompt; RLOO/GRPO: {args.samples_per_prompt} per prompt) x "
             f"({args.prompt_length} prompt + {args.response_length} response tokens), {args.ppo_epochs} epochs of "
             f"{args.minibatch}-response minibatches, micro-batch {args.batch}, {args.precision}, {device}; "
             f"{args.iterations} timed iterations after {args.warmup} warm-up"
         )
-        print(f"{'engine':<14} {'s/iter':>8} {'generate':>9} {'score':>8} {'train':>8} {'peak MB':>9}")
+        print(f"{'engine':<20} {'s/iter':>8} {'generate':>9} {'score':>8} {'train':>8} {'peak MB':>9}")
         for name, r in rows.items():
             ph = r.get("phases") or {}
             cell = lambda p: f"{ph[p]:>8.2f}" if p in ph else f"{'n/a':>8}"  # noqa: E731
-            print(f"{name:<14} {r['seconds_per_iteration']:>8.2f} {cell('generation'):>9} {cell('scoring')} {cell('training')} {r['peak_mb']:>9.0f}")
+            print(f"{name:<20} {r['seconds_per_iteration']:>8.2f} {cell('generation'):>9} {cell('scoring')} {cell('training')} {r['peak_mb']:>9.0f}")
         peers = [n for n in rows if n.startswith("trl")]
         if peers:
             peer = rows[peers[0]]
@@ -228,7 +245,7 @@ def main() -> None:
                 same = rows.get("trl " + name.split(" ", 1)[1])  # TRL with the same layout, where it ran
                 like = (f"   same layout: speed-up {same['seconds_per_iteration'] / ours['seconds_per_iteration']:>5.2f}x, "
                         f"memory {ours['peak_mb'] / same['peak_mb']:>5.2f}x") if same and same is not peer else ""  # fmt: skip
-                print(f"{name:<14} speed-up {peer['seconds_per_iteration'] / ours['seconds_per_iteration']:>5.2f}x   "
+                print(f"{name:<20} speed-up {peer['seconds_per_iteration'] / ours['seconds_per_iteration']:>5.2f}x   "
                       f"memory {ours['peak_mb'] / peer['peak_mb']:>5.2f}x{like}")  # fmt: skip
         if args.results:
             Path(args.results).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

@@ -184,9 +184,9 @@ def reward_convert(
 
 @app.command(context_settings=OVERRIDES)
 def ppo(ctx: typer.Context, config: Optional[Path] = ConfigOpt):
-    """Step 3: PPO against the reward model with a KL penalty toward the SFT policy."""
+    """Step 3: PPO (or RLOO, GRPO: --algorithm rloo|grpo) against the reward model with a KL penalty toward the SFT policy."""
     from .config import PPOConfig
-    from .ppo import run_ppo
+    from .rl import run_ppo
 
     _setup_logging()
     cfg = _load(PPOConfig, config, ctx.args)

@@ -260,9 +260,9 @@ class RolloutSettings(GenerationSettings):
 
 
 class PPOConfig(TrainingSettings):
-    """Step 3: PPO against the reward model with a KL penalty toward the SFT policy.
+    """Step 3: PPO (or RLOO, GRPO: `algorithm`) against the reward model with a KL penalty toward the SFT policy.
 
-    One "step" is one PPO iteration (rollout, scoring, advantages, `ppo_epochs` passes of
+    One "step" is one iteration (rollout, scoring, advantages, `ppo_epochs` passes of
     minibatch updates): `max_steps`, `checkpoint_every`, `log_every`, metrics and checkpoints
     count iterations."""
 
@@ -275,6 +275,25 @@ class PPOConfig(TrainingSettings):
     reward_model: str = "runs/reward"
     """The reward model: step 2's folder (or its run folder, whose final/ is used), or any sequence-classification
     reward model with num_labels=1 (a TRL RewardTrainer output, a hub id in the HF cache)."""
+    algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"
+    """The online method: 'ppo' (a critic, per-token KL rewards, GAE, clipped epochs), 'rloo' (REINFORCE with the
+    leave-one-out baseline of the other k - 1 responses to the prompt; Ahmadian et al. 2024) or 'grpo' (advantages
+    normalised within each prompt's group of k responses, clipped ratio, KL in the loss; Shao et al. 2024). RLOO and
+    GRPO have no critic (no value network in memory; critic_init, vf_coef, value_clip_range, gamma, lam,
+    whiten_advantages and critic_learning_rate are not used)."""
+    samples_per_prompt: int = Field(0, ge=0)
+    """k, responses sampled per prompt (prompts_per_iteration x k responses per iteration; minibatch_size counts
+    responses). 0: 1 for ppo, 4 for rloo and grpo, which need k >= 2 (the baseline is the other responses)."""
+    grpo_variant: Literal["grpo", "dr_grpo"] = "grpo"
+    """algorithm grpo only: 'grpo' = advantages (R - group mean) / (group std + 1e-4), loss averaged per response
+    (1/|o_i| sum over its tokens) then over responses; 'dr_grpo' (Liu et al. 2025) = advantages R - group mean (no
+    std division) and the loss summed over tokens / (responses x max_new_tokens) (no length normalisation)."""
+    kl_in: Literal["auto", "reward", "loss"] = "auto"
+    """Where the KL toward the SFT policy enters: 'reward' = beta * the per-token `kl_estimator` is subtracted from
+    the reward (PPO: on every token; RLOO/GRPO: summed over the response, from its one reward); 'loss' = the reward
+    is the score alone and beta * k3 (the per-token estimator (r - 1) - log r with r = pi_ref / pi_theta, differentiated
+    through pi_theta) is added to the loss, as GRPO does. 'auto': 'loss' for grpo, 'reward' for ppo and rloo. The
+    logged KL and the adaptive controller (beta) use k1 either way."""
     critic_init: Literal["reward", "policy"] = "reward"
     """Where the value model starts: 'reward' = the reward model's body and head (the head rescaled so that it
     predicts normalised scores; the reward model must read the policy's vocabulary), 'policy' = the SFT
@@ -289,9 +308,9 @@ class PPOConfig(TrainingSettings):
     generation: RolloutSettings = RolloutSettings()
     """Rollout sampling settings."""
     prompts_per_iteration: int = Field(64, ge=2)
-    """Prompts (one response each) rolled out per PPO iteration, over all processes."""
+    """Prompts rolled out per iteration (samples_per_prompt responses each), over all processes."""
     minibatch_size: int = Field(16, ge=1)
-    """Responses per optimiser step, over all processes; must divide prompts_per_iteration."""
+    """Responses per optimiser step, over all processes; must divide prompts_per_iteration x samples_per_prompt."""
     batch_size: int = Field(8, ge=1)
     """Responses per forward/backward micro-batch on each process (minibatches are accumulated from them);
     also the batch of the no-grad passes (reference, values, reward model)."""
@@ -365,6 +384,24 @@ class PPOConfig(TrainingSettings):
     """Save a resumable checkpoint every N iterations (0: only at the end)."""
     log_every: int = Field(1, ge=1)
     """Write metrics every N iterations."""
+
+    @field_validator("samples_per_prompt")
+    @classmethod
+    def _groups_for_critic_free(cls, value: int, info: ValidationInfo) -> int:
+        algorithm = info.data.get("algorithm", "ppo")
+        if value == 1 and algorithm in ("rloo", "grpo"):
+            raise ValueError(f"{algorithm} needs k >= 2 responses per prompt (its baseline is the other responses to the prompt); set 2 or more")
+        return value
+
+    @property
+    def responses_per_prompt(self) -> int:
+        """k, with 0 resolved: 1 for ppo, 4 for rloo and grpo."""
+        return self.samples_per_prompt or (1 if self.algorithm == "ppo" else 4)
+
+    @property
+    def kl_placement(self) -> str:
+        """kl_in with 'auto' resolved: 'loss' for grpo, 'reward' otherwise."""
+        return self.kl_in if self.kl_in != "auto" else ("loss" if self.algorithm == "grpo" else "reward")
 
     @field_validator("grad_accum")
     @classmethod

@@ -47,7 +47,7 @@ from .config import EvaluateConfig, save_config
 from .eval_tables import print_eval_table
 from .generate import Sample, generate_responses, load_for_inference, model_path_of, sampling_support
 from .models import backbone_and_head
-from .ppo_math import logprobs_from_logits
+from .rl.logprobs import logprobs_from_logits
 from .stats import (
     agreement,
     best_of_n_choice,

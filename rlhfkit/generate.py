@@ -36,7 +36,7 @@ class Sample:
 def sampling_support(vocab_size: int, num_tokens: int | None, pad_id: int | None) -> torch.Tensor:
     """The ids the sampler may draw, ``(V,)`` bool: every id but the pad id and the rows at or beyond
     the tokenizer's size ``num_tokens`` (a vocabulary padded for speed). PPO's and the evaluation's
-    log-probs normalise over the same ids (`ppo_math.logprobs_from_logits(..., support=)`)."""
+    log-probs normalise over the same ids (`rl.logprobs.logprobs_from_logits(..., support=)`)."""
     support = torch.zeros(vocab_size, dtype=torch.bool)
     support[: num_tokens or vocab_size] = True
     if pad_id is not None:

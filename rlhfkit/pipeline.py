@@ -401,7 +401,7 @@ def _runner(name: str) -> Callable[[Any], Any]:
 
         return run_reward
     if name == "ppo":
-        from .ppo import run_ppo
+        from .rl import run_ppo
 
         return run_ppo
     if name == "evaluate":

@@ -11,12 +11,12 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .config import SFTConfig
 from .data import load_demonstrations, split_by_prompt
-from .models import backbone_and_head, enable_activation_checkpointing, load_causal_lm, load_tokenizer, save_model
-from .tokens import IGNORE_INDEX, Example, collate, encode_example, pack
+from .losses import ResponseLoss, batch_to_inputs, trained_tokens  # noqa: F401 (step 1's loss, shared with step 3)
+from .models import enable_activation_checkpointing, load_causal_lm, load_tokenizer, save_model
+from .tokens import IGNORE_INDEX, Example, encode_example, pack
 from .training import (
     DataPlan,
     RunDir,
@@ -33,55 +33,9 @@ from .training import (
 log = logging.getLogger("rlhfkit.sft")
 
 
-class ResponseLoss(torch.nn.Module):
-    """Wraps a causal LM; forward returns the summed cross-entropy over trained tokens.
-
-    Logits are computed only at positions whose next token has a label, so a long prompt costs
-    no vocabulary-sized logits. It is a module (not a function) so DDP sees an ordinary forward.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
-        backbone, head = backbone_and_head(self.model)
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX  # position t predicts token t+1
-        logits = head(hidden[:, :-1][keep]).float()
-        target = targets[keep]
-        loss_sum = F.cross_entropy(logits, target, reduction="sum")
-        correct = (logits.argmax(-1) == target).sum()
-        return loss_sum, keep.sum(), correct
-
-
-def trained_tokens(example: Example) -> int:
-    return sum(1 for t in example.labels[1:] if t != IGNORE_INDEX)
-
-
 def encode_all(tokenizer, demos, cfg: SFTConfig) -> tuple[list[Example], int]:
     examples = [encode_example(tokenizer, d.messages, d.response, cfg.max_length, cfg.max_prompt_share) for d in demos]
     return examples, sum(e.truncated for e in examples)
-
-
-def batch_to_inputs(micro: list, pad_token_id: int, device) -> dict[str, torch.Tensor]:
-    """A micro-batch of Examples (right-padded) or of packed rows, as model inputs."""
-    if isinstance(micro[0], Example):
-        batch = collate(micro, pad_token_id)
-    else:  # packed rows: pad to the longest row; padding is its own masked segment
-        length = max(r["input_ids"].shape[1] for r in micro)
-
-        def padded(key, value):
-            return torch.cat([torch.nn.functional.pad(r[key], (0, length - r[key].shape[1]), value=value) for r in micro])
-
-        pos = torch.cat(
-            [torch.cat([r["position_ids"], torch.arange(length - r["position_ids"].shape[1])[None]], 1) for r in micro]
-        )
-        batch = {"input_ids": padded("input_ids", pad_token_id), "labels": padded("labels", IGNORE_INDEX), "position_ids": pos}
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def load_sft_examples(cfg: SFTConfig, tokenizer) -> tuple[list[Example], list[Example]]:

@@ -138,7 +138,7 @@ def prompt_files(tmp_path_factory) -> tuple[str, str]:
 
 
 def test_ppo_on_prompt_only_equals_own_format(tiny_model_dir, reward_dir, prompt_files, tmp_path):
-    from rlhfkit.ppo import run_ppo
+    from rlhfkit.rl import run_ppo
 
     def run(prompts, name):
         cfg = PPOConfig(policy_model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=prompts, output_dir=str(tmp_path / name),

@@ -32,7 +32,7 @@ def test_default_tokenizer_has_distinct_pad(default_dir):
 
 
 def test_default_model_sft_step_lowers_loss(default_dir):
-    from rlhfkit.sft import ResponseLoss, batch_to_inputs
+    from rlhfkit.losses import ResponseLoss, batch_to_inputs
     from rlhfkit.tokens import encode_example
 
     tok = load_tokenizer(DEFAULT_MODEL)

@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 
 from conftest import WORDS
 from rlhfkit.config import ConfigError, PPOConfig, load_config
-from rlhfkit.ppo import PPOTrainer, Rollout, policy_logprobs, run_ppo
-from rlhfkit.ppo_math import first_eos_mask
+from rlhfkit.rl import PPOTrainer, run_ppo
+from rlhfkit.rl.math import first_eos_mask
+from rlhfkit.rl.networks import policy_logprobs
+from rlhfkit.rl.rollout import Samples
 from rlhfkit.training import NonFiniteError, read_metrics
 
 LORA = {"enabled": True, "r": 4, "alpha": 8}
@@ -75,7 +77,7 @@ def ppo_config(tiny_model_dir, reward_dir, prompts_file, out, **overrides) -> PP
     return PPOConfig(**fields)
 
 
-def _rollout_by_hand(trainer: PPOTrainer, responses: list[list[int]], width: int) -> Rollout:
+def _rollout_by_hand(trainer: PPOTrainer, responses: list[list[int]], width: int) -> Samples:
     """A rollout whose responses we choose (right-padded with pad to `width`)."""
     tok = trainer.tokenizer
     messages = [[{"role": "user", "content": f"say something {i}"}] for i in range(len(responses))]
@@ -85,11 +87,11 @@ def _rollout_by_hand(trainer: PPOTrainer, responses: list[list[int]], width: int
     prompt_ids, prompt_mask = pad(ids, tok.pad_token_id, side="left"), pad([[1] * len(i) for i in ids], 0, side="left")
     raw = pad(responses, tok.pad_token_id, length=width)
     mask, has_eos = first_eos_mask(raw, tok.eos_token_id, tok.pad_token_id)
-    return Rollout(messages, prompt_ids, prompt_mask, raw.masked_fill(~mask, tok.pad_token_id), mask, has_eos)
+    return Samples(messages, prompt_ids, prompt_mask, raw.masked_fill(~mask, tok.pad_token_id), mask, has_eos)
 
 
 def test_rollout_truncates_after_first_eos(tiny_model_dir, reward_dir, prompts_file, tmp_path, monkeypatch):
-    import rlhfkit.ppo as ppo
+    import rlhfkit.rl.rollout as ppo
 
     cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", generation={"max_new_tokens": 6, "temperature": 1.0})
     trainer = PPOTrainer(cfg)
@@ -106,7 +108,7 @@ def test_rollout_truncates_after_first_eos(tiny_model_dir, reward_dir, prompts_f
         return sampled[:, :5] if prompt_ids.shape[0] == 4 else sampled  # a shorter output gets padded
 
     monkeypatch.setattr(ppo, "sample_ids", fake_sample_ids)
-    batch = trainer.rollout(trainer.prompts[:4])
+    batch = trainer.sample(trainer.prompts[:4])
     assert batch.has_eos.tolist() == [True, False, True, True]
     assert batch.mask.sum(1).tolist() == [3, 5, 1, 2]
     assert batch.response_ids.tolist() == [[a, b, E, P, P], [a, b, c, a, b], [E, P, P, P, P], [a, E, P, P, P]]
@@ -117,7 +119,7 @@ def test_rollout_truncates_after_first_eos(tiny_model_dir, reward_dir, prompts_f
     # real sampling: every row is valid up to its first EOS and padding after it
     monkeypatch.undo()
     torch.manual_seed(0)
-    batch = trainer.rollout(trainer.prompts[:8])
+    batch = trainer.sample(trainer.prompts[:8])
     T = batch.response_ids.shape[1]
     for row, m, has in zip(batch.response_ids.tolist(), batch.mask.tolist(), batch.has_eos.tolist()):
         n = sum(m)
@@ -136,7 +138,8 @@ def test_missing_eos_penalty_and_score_clip(tiny_model_dir, reward_dir, prompts_
     batch = _rollout_by_hand(trainer, responses, width=6)
     assert batch.has_eos.tolist() == [True, False, True, False]
     assert batch.mask.sum(1).tolist() == [len(words) + 1, len(words), 2, 2]
-    trainer.score(batch)
+    samples = batch
+    batch = trainer.experience(samples)
     # replace (default): a response without EOS scores -missing_eos_penalty = -1 after normalisation
     assert batch.scores[1].item() == -1.0 and batch.scores[3].item() == -1.0
     assert torch.equal(batch.scores[[0, 2]], batch.rm_scores[[0, 2]])
@@ -144,7 +147,7 @@ def test_missing_eos_penalty_and_score_clip(tiny_model_dir, reward_dir, prompts_
     trainer.cfg.missing_eos = "subtract"
     trainer.cfg.missing_eos_penalty = 0.5
     trainer.cfg.score_clip = 0.1
-    trainer.score(batch)
+    batch = trainer.experience(samples)
     clipped = batch.rm_scores.clamp(-0.1, 0.1)
     torch.testing.assert_close(batch.scores, clipped - 0.5 * (~batch.has_eos).float())
 
@@ -159,8 +162,7 @@ def test_reward_model_reads_policy_ids_like_text(tiny_model_dir, reward_dir, pro
     assert trainer.nets.same_vocab
     texts = ["yes banana apple", "the river", "no"]
     responses = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-    batch = _rollout_by_hand(trainer, responses, width=8)
-    trainer.score(batch)
+    batch = trainer.experience(_rollout_by_hand(trainer, responses, width=8))
     expected = score(trainer.nets.reward_model, trainer.nets.rm_tokenizer, batch.messages, texts, 4, normalise=True)
     torch.testing.assert_close(batch.rm_scores, torch.tensor(expected), rtol=1e-4, atol=1e-4)
 
@@ -181,8 +183,7 @@ def test_reward_model_with_another_vocabulary_reads_text(tiny_model_dir, prompts
     assert not trainer.nets.same_vocab
     ptok = trainer.tokenizer
     texts = ["yes banana apple", "the river"]
-    batch = _rollout_by_hand(trainer, [ptok(t, add_special_tokens=False)["input_ids"] + [ptok.eos_token_id] for t in texts], 6)
-    trainer.score(batch)
+    batch = trainer.experience(_rollout_by_hand(trainer, [ptok(t, add_special_tokens=False)["input_ids"] + [ptok.eos_token_id] for t in texts], 6))
     expected = score(trainer.nets.reward_model, trainer.nets.rm_tokenizer, batch.messages, texts, 4, normalise=True)
     torch.testing.assert_close(batch.rm_scores, torch.tensor(expected))
 
@@ -193,28 +194,33 @@ def test_shapes_masking_and_rewards(tiny_model_dir, reward_dir, prompts_file, tm
     tok = trainer.tokenizer
     words = tok("sure banana apple river the", add_special_tokens=False)["input_ids"][:5]
     responses = [words + [tok.eos_token_id], words[:2] + [tok.eos_token_id], words[:3]]
-    batch = _rollout_by_hand(trainer, responses, width=7)
-    trainer.score(batch)
-    trainer.logprobs_and_values(batch)
-    # perturb the reference so the KL is not zero
-    batch.ref_logprobs = batch.ref_logprobs - 0.1 * torch.arange(batch.ref_logprobs.shape[1])
+    real = trainer.experience_of.logprobs_and_values
+
+    def perturbed(*args, **kwargs):  # perturb the reference so the KL is not zero
+        old, ref, entropy, values = real(*args, **kwargs)
+        return old, ref - 0.1 * torch.arange(ref.shape[1]), entropy, values
+
+    trainer.experience_of.logprobs_and_values = perturbed
+    batch = trainer.experience(_rollout_by_hand(trainer, responses, width=7))
     beta = 0.3
-    trainer.kl_rewards(batch, beta)
-    trainer.compute_advantages(batch)
+    rewards = trainer.kl_rewards(batch, beta)
+    advantages, returns = trainer.advantages(batch, rewards)
+    computed = {"old_logprobs": batch.old_logprobs, "ref_logprobs": batch.ref_logprobs, "values": batch.values, "entropy": batch.entropy,
+                "rewards": rewards, "kl": batch.kl, "advantages": advantages, "returns": returns}  # fmt: skip
     B, T = batch.response_ids.shape
-    for name in ("old_logprobs", "ref_logprobs", "values", "entropy", "rewards", "kl", "advantages", "returns"):
-        assert getattr(batch, name).shape == (B, T), name
+    for name, value in computed.items():
+        assert value.shape == (B, T), name
     pad = ~batch.mask
     for name in ("rewards", "kl", "advantages", "returns"):
-        assert (getattr(batch, name)[pad] == 0).all(), f"{name} is not 0 on padding"
+        assert (computed[name][pad] == 0).all(), f"{name} is not 0 on padding"
     lengths = batch.mask.sum(1)
     for b in range(B):
         last = lengths[b] - 1
         expected = -beta * batch.kl[b, last] + batch.scores[b]
-        torch.testing.assert_close(batch.rewards[b, last], expected)
-        torch.testing.assert_close(batch.rewards[b, :last], -beta * batch.kl[b, :last])
+        torch.testing.assert_close(rewards[b, last], expected)
+        torch.testing.assert_close(rewards[b, :last], -beta * batch.kl[b, :last])
     # whitened over valid tokens only
-    valid = batch.advantages[batch.mask]
+    valid = advantages[batch.mask]
     assert abs(valid.mean().item()) < 1e-5 and abs(valid.std().item() - 1) < 1e-3
 
     # a row's log-probs and values do not depend on the padding around it (other rows, trimming)
@@ -233,8 +239,7 @@ def test_recomputed_logprobs_match_sampling_distribution(tiny_model_dir, reward_
     trainer = PPOTrainer(cfg)
     trainer.iteration_index = 0
     tok = trainer.tokenizer
-    batch = trainer.rollout(trainer.prompts[:4])
-    trainer.logprobs_and_values(batch)
+    batch = trainer.experience(trainer.sample(trainer.prompts[:4]))
     policy = trainer.ac.policy
     for b in range(4):  # the generation logits of each row, fed one token at a time without padding
         prompt = batch.prompt_ids[b][batch.prompt_mask[b].bool()][None]
@@ -266,15 +271,15 @@ def test_reference_equals_policy_at_start_and_final_policy_loads(tiny_model_dir,
             rm_params = {id(p) for p in nets.reward_model.parameters()}
             assert all(id(p) in rm_params for p in trainer.ac.critic_backbone.parameters())
     metrics = trainer.iteration(0)
-    batch = trainer._last_batch
+    batch = trainer.last_rollout
     assert torch.equal(batch.old_logprobs, batch.ref_logprobs)  # bit-identical before any update
     assert (batch.kl_k1 == 0).all() and metrics["kl"] == 0.0
     assert trainer.policy_params and trainer.critic_params
     # after the update the policy moved away from the reference, and the reference did not move
     trainer.iteration_index = 1
-    trainer.logprobs_and_values(batch)
+    batch = trainer.experience(batch)
     assert not torch.equal(batch.old_logprobs, batch.ref_logprobs)
-    with trainer._reference_active() as ref:
+    with trainer.nets.reference_active() as ref:
         again = policy_logprobs(ref, batch.micro(slice(None)), 1.0, support=trainer.ac.support)[0]
     T = again.shape[1]
     torch.testing.assert_close(again[batch.mask[:, :T]], batch.ref_logprobs[:, :T][batch.mask[:, :T]])
@@ -321,7 +326,7 @@ def test_train_top_layers_shares_the_frozen_blocks_stored_in_bf16(tiny_model_dir
     top_before = [p.detach().clone() for p in policy_blocks[1].parameters()]
 
     trainer.iteration(0)
-    batch = trainer._last_batch
+    batch = trainer.last_rollout
     assert torch.equal(batch.old_logprobs, batch.ref_logprobs)  # same weights, same dtypes, same path
     for name, p in nets.reference.named_parameters():
         assert torch.equal(p, before[name]), name  # neither the shared nor the copied blocks moved
@@ -356,13 +361,13 @@ def test_lora_policy_base_is_stored_in_bf16(tiny_model_dir, reward_dir, prompts_
     assert all(p.dtype == torch.float32 for p in trainer.ac.critic_backbone.parameters())
     assert all(p.dtype == torch.float32 for p in trainer.policy_params + trainer.critic_params)
     trainer.iteration(0)
-    batch = trainer._last_batch
+    batch = trainer.last_rollout
     assert torch.equal(batch.old_logprobs, batch.ref_logprobs)
 
 
 def test_running_the_upper_blocks_from_the_lower_blocks_output_is_the_whole_forward(tiny_model_dir):
     from rlhfkit.models import backbone_and_head, load_causal_lm, transformer_blocks
-    from rlhfkit.ppo import frozen_hidden, sequence_hidden
+    from rlhfkit.rl.networks import frozen_hidden, sequence_hidden
 
     backbone = backbone_and_head(load_causal_lm(str(tiny_model_dir)))[0]
     blocks = transformer_blocks(backbone)
@@ -399,11 +404,11 @@ def test_cached_frozen_blocks_change_no_number(tiny_model_dir, reward_dir, promp
     (t0, m0, w0), (t1, m1, w1) = runs[False], runs[True]
     assert t0.ac.policy_split == 0 and t1.ac.policy_split == 1  # the tiny model has 2 blocks
     assert t1.nets.reward_split == (1 if critic_init == "reward" else 0)
-    batch = t1._last_batch
+    batch = t1.last_rollout
     assert batch.policy_frozen is not None and (batch.reward_frozen is not None) == (critic_init == "reward")
     for key in ("policy_loss", "value_loss", "score", "kl", "approx_kl", "value_mean"):
         assert m0[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
-    torch.testing.assert_close(t0._last_batch.values, batch.values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t0.last_rollout.values, batch.values, rtol=1e-5, atol=1e-6)
     for a, b in zip(w0, w1, strict=True):  # Adam's first step is ~lr * sign(grad): float noise shows at 1e-6
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     if lora:  # adapters only on the top block: the block below computes what the reference computes
@@ -413,7 +418,7 @@ def test_cached_frozen_blocks_change_no_number(tiny_model_dir, reward_dir, promp
 
 def test_frozen_cache_is_switched_off_when_it_would_change_the_numbers(tiny_model_dir, reward_dir, prompts_file, tmp_path, monkeypatch, caplog):
     """A body that does more than run its blocks (here: a wrong frozen output) fails the first-rollout check."""
-    import rlhfkit.ppo as ppo
+    import rlhfkit.rl.frozen_cache as ppo
 
     right = ppo.frozen_hidden
     monkeypatch.setattr(ppo, "frozen_hidden", lambda backbone, batch, split: right(backbone, batch, split) * 1.5)
@@ -486,7 +491,7 @@ def test_nan_reward_stops_and_keeps_last_good_checkpoint(tiny_model_dir, reward_
 
 
 def test_nan_loss_stops(tiny_model_dir, reward_dir, prompts_file, tmp_path, monkeypatch):
-    import rlhfkit.ppo as ppo
+    import rlhfkit.rl.ppo as ppo
 
     real = ppo.value_loss
     monkeypatch.setattr(ppo, "value_loss", lambda *a, **k: (lambda l, s: (l * float("inf"), s))(*real(*a, **k)))
@@ -542,9 +547,12 @@ def test_cli_runs_with_options(tiny_model_dir, reward_dir, prompts_file, demos_f
 DDP_WORKER = r'''
 """Hand-made rollout of 8 responses: 1 process takes all, 2 processes 4 each; save the synced gradients."""
 import contextlib, sys, torch
+from dataclasses import replace
 from rlhfkit.config import PPOConfig
-from rlhfkit.ppo import PPOTrainer, Rollout
-from rlhfkit.ppo_math import first_eos_mask
+from rlhfkit.rl import PPOTrainer
+from rlhfkit.rl.math import first_eos_mask
+from rlhfkit.rl.rollout import Samples
+from rlhfkit.rl.trainer import Means
 from rlhfkit.tokens import encode_prompt, pad
 
 policy, reward, prompts, out = sys.argv[1:5]
@@ -564,25 +572,22 @@ msgs, resp = msgs[rows], resp[rows]
 ids = [encode_prompt(tok, m) for m in msgs]
 raw = pad(resp, tok.pad_token_id, length=8)
 mask, has_eos = first_eos_mask(raw, tok.eos_token_id, tok.pad_token_id)
-batch = Rollout(msgs, pad(ids, tok.pad_token_id, side="left"), pad([[1] * len(i) for i in ids], 0, side="left"),
-                raw.masked_fill(~mask, tok.pad_token_id), mask, has_eos)
-tr.score(batch)
-tr.logprobs_and_values(batch)
-batch.ref_logprobs = batch.ref_logprobs - 0.05
-tr.kl_rewards(batch, 0.1)
-tr.compute_advantages(batch)  # whitened over both processes' tokens
+batch = tr.experience(Samples(msgs, pad(ids, tok.pad_token_id, side="left"), pad([[1] * len(i) for i in ids], 0, side="left"),
+                              raw.masked_fill(~mask, tok.pad_token_id), mask, has_eos))
+batch = replace(batch, ref_logprobs=batch.ref_logprobs - 0.05)
+rewards = tr.kl_rewards(batch, 0.1)
+advantages, returns = tr.advantages(batch, rewards)  # whitened over both processes' tokens
 local = batch.mask.sum().double().reshape(1)
 global_tokens = (acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local).item()
 micros = torch.arange(len(batch)).split(cfg.batch_size)
 for i, r in enumerate(micros):
     sync = i == len(micros) - 1 or acc.num_processes == 1
     with contextlib.nullcontext() if sync else acc.no_sync(tr.model):
-        tr._micro_step(batch, r, 0, global_tokens, None, i, lambda *a: None)
+        tr.micro_step(batch.micro(r, advantages=advantages, returns=returns), 0, global_tokens, None, 0.0, tr.loss, Means())
 grads = torch.cat([p.grad.flatten() for p in tr.policy_params + tr.critic_params])
 if acc.is_main_process:
     torch.save(grads, out + ".grads.pt")
-tr.policy_opt.zero_grad()
-tr.critic_opt.zero_grad()
+tr.optimizer.zero_grad()
 tr.train()  # and the whole loop: rollouts per process, checkpoints, final/
 '''
 

@@ -13,21 +13,20 @@ import torch
 
 from conftest import WORDS
 from rlhfkit.config import ConfigError, PPOConfig, load_config
-from rlhfkit.ppo import PPOTrainer, Rollout, _model_batch
-from rlhfkit.ppo_math import first_eos_mask, policy_loss, value_loss
+from rlhfkit.rl import PPOTrainer
+from rlhfkit.rl.math import first_eos_mask, policy_loss, value_loss
+from rlhfkit.rl.networks import model_inputs as _model_batch
+from rlhfkit.rl.rollout import Rollout, Samples
 from rlhfkit.tokens import encode_prompt, pad
 from test_generate import capture_sampler_logprobs, with_generation_config, with_padded_vocabulary
 from test_ppo import LORA, _rollout_by_hand, one_thread, ppo_config, prompts_file, reward_dir  # noqa: F401 (fixtures)
 
 
-def _prepared(trainer: PPOTrainer, batch: Rollout, beta: float = 0.1) -> Rollout:
-    """Steps 2-4 of an iteration on a given rollout: scores, log-probs and values, rewards, advantages."""
-    trainer.frozen_activations(batch)
-    trainer.score(batch)
-    trainer.logprobs_and_values(batch)
-    trainer.kl_rewards(batch, beta)
-    trainer.compute_advantages(batch)
-    return batch
+def _prepared(trainer: PPOTrainer, samples: Samples, beta: float = 0.1) -> tuple[Rollout, dict]:
+    """Steps 2-4 of an iteration on given samples: frozen blocks, scores, log-probs and values, rewards, advantages."""
+    rollout = trainer.experience(samples)
+    advantages, returns = trainer.advantages(rollout, trainer.kl_rewards(rollout, beta))
+    return rollout, {"advantages": advantages, "returns": returns}
 
 
 # ----------------------------------------------------------------------------- 1. critic under checkpointing
@@ -50,10 +49,10 @@ def test_critic_gradient_is_the_same_with_activation_checkpointing(tiny_model_di
         trainer.iteration_index = 0
         tok = trainer.tokenizer
         words = tok("sure banana apple river the yes", add_special_tokens=False)["input_ids"][:5]
-        batch = _prepared(trainer, _rollout_by_hand(trainer, [words + [tok.eos_token_id], words[:3], words[1:4] + [tok.eos_token_id]], 8))
+        batch, targets = _prepared(trainer, _rollout_by_hand(trainer, [words + [tok.eos_token_id], words[:3], words[1:4] + [tok.eos_token_id]], 8))
         trainer.ac.train()
-        micro = batch.micro(torch.arange(len(batch)))
-        logprobs, values, _, _, _ = trainer.model(**_model_batch(micro), **trainer._frozen_inputs(micro))
+        micro = batch.micro(torch.arange(len(batch)), **targets)
+        logprobs, values, _, _, _ = trainer.model(**_model_batch(micro), **trainer.frozen_inputs(micro))
         pg, _ = policy_loss(logprobs, micro["old_logprobs"], micro["advantages"], micro["mask"])
         vf, _ = value_loss(values, micro["values"], micro["returns"], micro["mask"])
         (pg + vf).backward()
@@ -75,9 +74,9 @@ def _sampler_and_recomputed_logprobs(trainer: PPOTrainer) -> tuple[torch.Tensor,
     store: list = []
     capture_sampler_logprobs(trainer.ac.policy, store)
     torch.manual_seed(0)
-    batch = trainer.rollout(trainer.prompts[:8])
+    samples = trainer.sample(trainer.prompts[:8])
     trainer.iteration_index = 0
-    trainer.logprobs_and_values(batch)
+    batch = trainer.experience(samples)
     (sampled,) = store  # one generation batch
     T = batch.response_ids.shape[1]
     return sampled[:, :T][batch.mask], batch.old_logprobs[batch.mask], batch.response_ids[batch.mask]
@@ -113,7 +112,7 @@ def test_sampler_and_logprobs_share_the_support(tiny_model_dir, reward_dir, prom
 def test_first_minibatch_of_the_first_epoch_has_ratio_one(tiny_model_dir, reward_dir, prompts_file, tmp_path, monkeypatch, precision, lora):
     """The old log-probs are computed on the very micro-batches the first epoch trains on (same rows, padding and
     shapes): before the first update the ratio is 1 and approx_kl 0, to 1e-6, in fp32 and in bf16."""
-    import rlhfkit.ppo as ppo
+    import rlhfkit.rl.ppo as ppo
 
     calls = []
 
@@ -148,11 +147,9 @@ def test_a_cut_response_scores_the_same_through_ids_and_through_text(tiny_model_
     a, b, c = (tok(text, add_special_tokens=False)["input_ids"] for text in ("yes banana apple", "the river", "sure"))
     batch = _rollout_by_hand(trainer, [a, b + [tok.eos_token_id], c], width=max(map(len, (a, b, c))) + 1)
     assert batch.has_eos.tolist() == [False, True, False]
-    trainer.score(batch)
-    through_ids = batch.rm_scores.clone()
+    through_ids = trainer.experience(batch).rm_scores.clone()
     trainer.nets.same_vocab = False  # the path of a reward model with another vocabulary
-    trainer.score(batch)
-    torch.testing.assert_close(batch.rm_scores, through_ids, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trainer.experience(batch).rm_scores, through_ids, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- 6. settings that can only be mistakes
@@ -215,6 +212,5 @@ def test_reference_responses_score_zero_on_average(tiny_model_dir, prompts_file,
     response_ids = pad([ptok(r, add_special_tokens=False)["input_ids"] + [ptok.eos_token_id] for r in responses], ptok.pad_token_id)
     mask, has_eos = first_eos_mask(response_ids, ptok.eos_token_id, ptok.pad_token_id)
     prompt_ids, prompt_mask = pad(ids, ptok.pad_token_id, side="left"), pad([[1] * len(i) for i in ids], 0, side="left")
-    batch = Rollout(messages, prompt_ids, prompt_mask, response_ids, mask, has_eos)
-    trainer.score(batch)
+    batch = trainer.experience(Samples(messages, prompt_ids, prompt_mask, response_ids, mask, has_eos))
     assert abs(batch.rm_scores.mean().item()) < 0.02

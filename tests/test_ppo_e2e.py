@@ -10,6 +10,8 @@ set by the adaptive controller's target.
 
 The test can fail: with `init_kl_coef` huge and `adaptive_kl` off, or a learning rate of ~0, the
 gold score does not rise (run `python tests/test_ppo_e2e.py --init_kl_coef 20 --adaptive_kl false`).
+The same check runs for RLOO and GRPO (`--algorithm rloo|grpo --samples_per_prompt 4 --prompts_per_iteration 8`
+in manual runs).
 """
 
 from __future__ import annotations
@@ -88,10 +90,14 @@ def gold_share_and_kl(policy_dir: Path, sft_dir: Path, prompts: list[str], seed:
 
 def run_pipeline(root: Path, **ppo_overrides) -> dict:
     """SFT -> candidates ranked by the annotator -> reward model -> PPO. Returns what the test checks."""
-    from rlhfkit.config import GenerationSettings, PPOConfig, RewardConfig, SFTConfig
+    return {**prepare_sft_and_reward(root), **run_step3(root, **ppo_overrides)}
+
+
+def prepare_sft_and_reward(root: Path) -> dict:
+    """SFT -> candidates ranked by the annotator -> reward model, in ``root``; held-out prompts in held_out.json."""
+    from rlhfkit.config import GenerationSettings, RewardConfig, SFTConfig
     from rlhfkit.data import Comparison, comparison_to_json, write_jsonl
     from rlhfkit.generate import generate_responses, load_for_inference
-    from rlhfkit.ppo import run_ppo
     from rlhfkit.reward import run_reward
     from rlhfkit.sft import run_sft
     from rlhfkit.training import read_metrics
@@ -109,6 +115,7 @@ def run_pipeline(root: Path, **ppo_overrides) -> dict:
     train_prompts = [_prompt(rng) for _ in range(200)]
     held_out = [_prompt(rng) for _ in range(64)]
     write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
+    (root / "held_out.json").write_text(json.dumps(held_out))
 
     # 1. SFT
     sft_cfg = SFTConfig(
@@ -140,24 +147,31 @@ def run_pipeline(root: Path, **ppo_overrides) -> dict:
     )  # fmt: skip
     run_reward(rm_cfg)
     rm_evals = [m for m in read_metrics(root / "reward" / "metrics.jsonl") if m["phase"] == "eval"]
+    return {"comparisons": len(comparisons), "rm_accuracy": rm_evals[-1]["accuracy"]}
 
-    # 4. PPO
+
+def run_step3(root: Path, out: str = "ppo", **ppo_overrides) -> dict:
+    """4. PPO (or RLOO, GRPO: `algorithm` among the overrides) from root's SFT policy and reward model, into root/out;
+    the gold share and KL of SFT and of the tuned policy on the held-out prompts, and the training metrics."""
+    from rlhfkit.config import PPOConfig
+    from rlhfkit.rl import run_ppo
+    from rlhfkit.training import read_metrics
+
+    held_out = json.loads((root / "held_out.json").read_text())
     fields = dict(
         policy_model=str(root / "sft"), reward_model=str(root / "reward"), prompts=str(root / "prompts.jsonl"),
-        output_dir=str(root / "ppo"), precision="fp32", prompts_per_iteration=32, minibatch_size=16, batch_size=16,
+        output_dir=str(root / out), precision="fp32", prompts_per_iteration=32, minibatch_size=16, batch_size=16,
         ppo_epochs=4, max_steps=12, learning_rate=5e-4, init_kl_coef=0.1, adaptive_kl=True, target_kl=TARGET_KL,
         kl_horizon=100, generation={"max_new_tokens": 12, "temperature": 1.0, "batch_size": 64},
         checkpoint_every=0, sample_every=4,
     )  # fmt: skip
     fields.update(ppo_overrides)
     run_ppo(PPOConfig(**fields))
-    ppo_metrics = read_metrics(root / "ppo" / "metrics.jsonl")
+    ppo_metrics = read_metrics(root / out / "metrics.jsonl")
 
     sft_share, sft_kl = gold_share_and_kl(root / "sft", root / "sft", held_out)
-    ppo_share, ppo_kl = gold_share_and_kl(root / "ppo", root / "sft", held_out)
+    ppo_share, ppo_kl = gold_share_and_kl(root / out, root / "sft", held_out)
     return {
-        "comparisons": len(comparisons),
-        "rm_accuracy": rm_evals[-1]["accuracy"],
         "sft_gold": sft_share,
         "ppo_gold": ppo_share,
         "sft_kl": sft_kl,
@@ -183,6 +197,37 @@ def test_rlhf_raises_gold_score_within_kl_bound(tmp_path):
     assert max(r["train_kl"]) < 2 * TARGET_KL, r["train_kl"]
     assert r["ppo_kl"] < 2 * TARGET_KL, r["ppo_kl"]
     assert min(r["eos_share"]) >= 0.8  # no gaming by running to the length limit (it was >= 0.94)
+
+
+# RLOO and GRPO: k = 4 responses to each of 8 prompts, so an iteration holds as many responses (32) as PPO's
+CRITIC_FREE = {
+    "rloo": dict(algorithm="rloo", samples_per_prompt=4, prompts_per_iteration=8),
+    "grpo": dict(algorithm="grpo", samples_per_prompt=4, prompts_per_iteration=8),
+    "dr_grpo": dict(algorithm="grpo", grpo_variant="dr_grpo", samples_per_prompt=4, prompts_per_iteration=8),
+}
+
+
+@pytest.fixture(scope="module")
+def sft_and_reward(tmp_path_factory) -> Path:
+    """One SFT policy and one reward model for the critic-free methods."""
+    root = tmp_path_factory.mktemp("e2e")
+    prepare_sft_and_reward(root)
+    return root
+
+
+@pytest.mark.parametrize("method", list(CRITIC_FREE))
+def test_critic_free_methods_raise_gold_score_within_kl_bound(sft_and_reward, method):
+    """The same gold-preference check for RLOO, GRPO and Dr. GRPO (no critic). Each can fail, e.g.
+    `python tests/test_ppo_e2e.py --algorithm grpo --samples_per_prompt 4 --prompts_per_iteration 8 --learning_rate 1e-9`."""
+    r = run_step3(sft_and_reward, out=method, **CRITIC_FREE[method])
+    print(method, json.dumps(r, indent=1))
+    assert r["sft_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert 0.05 <= r["sft_gold"] <= 0.4
+    assert r["ppo_gold"] >= r["sft_gold"] + 0.3, r
+    assert r["train_score"][-1] > r["train_score"][0] + 0.5
+    assert max(r["train_kl"]) < 2 * TARGET_KL, r["train_kl"]
+    assert r["ppo_kl"] < 2 * TARGET_KL, r["ppo_kl"]
+    assert min(r["eos_share"]) >= 0.8
 
 
 if __name__ == "__main__":  # manual runs, e.g. to see it fail:  --init_kl_coef 20 --adaptive_kl false

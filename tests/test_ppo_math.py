@@ -1,4 +1,4 @@
-"""Unit tests for rlhfkit.ppo_math against numbers computed by hand.
+"""Unit tests for rlhfkit.rl.math (PPO part) against numbers computed by hand.
 
 Most examples use two rows of different lengths (3 and 2 valid tokens, T = 3), so that
 padding is exercised, and check that garbage (huge values, NaN) in padded positions
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.ppo_math import (
+from rlhfkit.rl.math import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,
@@ -158,7 +158,7 @@ def test_a_token_outside_the_support_on_padding_leaves_the_gradient_finite():
 
 
 def test_no_grad_chunks_give_the_same_numbers(monkeypatch):
-    import rlhfkit.ppo_math as ppo_math
+    import rlhfkit.rl.logprobs as ppo_math
 
     torch.manual_seed(0)
     logits, tokens = torch.randn(5, 4, 11), torch.randint(0, 11, (5, 4))

@@ -207,7 +207,7 @@ def test_a_reward_model_by_hub_id_from_the_hf_cache(foreign_rm, tmp_path):
 
 def test_ppo_with_a_trl_reward_model_of_another_vocabulary(tiny_model_dir, foreign_rm, prompts_file, tmp_path):  # noqa: F811
     """PPO re-encodes the responses in the reward model's template (cut ones stay cut) and trains."""
-    from rlhfkit.ppo import PPOTrainer
+    from rlhfkit.rl import PPOTrainer
     from rlhfkit.training import read_metrics
 
     with pytest.raises(ValueError, match="critic_init: policy"):
@@ -220,7 +220,7 @@ def test_ppo_with_a_trl_reward_model_of_another_vocabulary(tiny_model_dir, forei
     ids = [ptok(texts[0], add_special_tokens=False)["input_ids"] + [ptok.eos_token_id], ptok(texts[1], add_special_tokens=False)["input_ids"]]
     batch = _rollout_by_hand(trainer, ids, width=max(len(i) for i in ids))
     assert batch.has_eos.tolist() == [True, False]
-    trainer.score(batch)
+    batch = trainer.experience(batch)
     expected = score(trainer.nets.reward_model, trainer.nets.rm_tokenizer, batch.messages, texts, complete=[True, False])
     torch.testing.assert_close(batch.rm_scores, torch.tensor(expected), rtol=1e-5, atol=1e-5)
     assert expected[1] != pytest.approx(score(trainer.nets.reward_model, trainer.nets.rm_tokenizer, batch.messages[1:], texts[1:])[0], abs=1e-4)
@@ -234,7 +234,7 @@ def test_critic_from_a_trl_reward_model_on_the_policy_tokenizer(tiny_model_dir, 
     initialise the critic: its head (no statistics: unscaled) becomes the value head; its text is re-encoded."""
     from transformers import AutoTokenizer
 
-    from rlhfkit.ppo import PPOTrainer
+    from rlhfkit.rl import PPOTrainer
 
     rm_dir = build_foreign_reward_model(tmp_path / "rm", tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
     trainer = PPOTrainer(ppo_config(tiny_model_dir, rm_dir, prompts_file, tmp_path / "run", max_steps=1))

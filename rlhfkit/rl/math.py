@@ -1,4 +1,4 @@
-"""The PPO maths for RLHF, as small pure tensor functions.
+"""The maths of step 3 (PPO, RLOO, GRPO, Dr. GRPO), as small pure tensor functions.
 
 Everything here works on response tokens only. Shapes:
 
@@ -19,9 +19,15 @@ Conventions for the KL: ``pi`` is the policy being tuned, ``pi_ref`` the frozen
 reference (the SFT model). All estimators estimate KL(pi || pi_ref) from tokens
 sampled from ``pi``; the tuned policy's log-probs always come FIRST.
 
+Critic-free estimators work on one scalar reward per response, ``(B,)`` with ``B = prompts * k``:
+the ``k`` responses to one prompt are consecutive rows (as ``generate(num_return_sequences=k)``
+returns them).
+
 References: Ziegler et al. 2019 (arXiv:1909.08593), Stiennon et al. 2020,
 Ouyang et al. 2022, Schulman et al. 2017 (PPO), Schulman et al. 2015 (GAE),
-J. Schulman, "Approximating KL divergence" (2020) for k1/k2/k3.
+J. Schulman, "Approximating KL divergence" (2020) for k1/k2/k3, Ahmadian et al. 2024
+(RLOO, arXiv:2402.14740), Shao et al. 2024 (GRPO, arXiv:2402.03300), Liu et al. 2025
+(Dr. GRPO, arXiv:2503.20783).
 """
 
 from __future__ import annotations
@@ -37,11 +43,18 @@ __all__ = [
     "kl_penalty",
     "rewards_with_kl",
     "gae",
+    "clipped_surrogate",
     "policy_loss",
     "value_loss",
+    "rloo_baseline",
+    "rloo_advantages",
+    "grpo_advantages",
+    "per_token",
+    "k3_in_loss",
+    "token_weights",
+    "weighted_token_sum",
+    "aggregate",
     "explained_variance",
-    "FixedKLController",
-    "AdaptiveKLController",
     "first_eos_mask",
     "last_valid_index",
 ]
@@ -49,146 +62,16 @@ __all__ = [
 KL_KINDS = ("k1", "k3", "abs", "mse")
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A 0/1 float or bool mask as bool (non-zero = valid)."""
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Upcast bf16/fp16 to fp32 (fp32/fp64 are left as they are). Differentiable."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x with padded entries replaced by 0 (robust to NaN/inf there, unlike x * mask)."""
-    return torch.where(_bool_mask(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last valid position of each row: ``(B, T) -> (B,)`` long.
-
-    Works for any mask (not only right-padded ones): it is the largest ``t`` with
-    ``mask[b, t] != 0``. Rows with no valid position get ``-1``.
-    """
-    m = _bool_mask(mask)
-    positions = torch.arange(m.shape[-1], device=m.device).expand_as(m)
-    return torch.where(m, positions, -1).max(dim=-1).values
-
-
-def first_eos_mask(
-    tokens: torch.Tensor, eos_token_id: int, pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Valid-token mask of sampled responses, truncated after the first EOS.
-
-    ``tokens``: ``(B, T)`` sampled response ids (prompt already removed).
-    Returns ``(mask, has_eos)``:
-
-    * ``mask`` ``(B, T)`` bool: True up to and INCLUDING the first EOS, False after it
-      (whatever was sampled after the first EOS is not part of the response).
-    * ``has_eos`` ``(B,)`` bool: whether the row contains an EOS at all.
-
-    A row without EOS was cut at the length limit: all its tokens are valid, except a
-    trailing run of ``pad_token_id`` (rows right-padded to a common length). Pad ids
-    before the last non-pad token are kept (pad != EOS, so it is an ordinary token
-    there). Callers typically penalise ``~has_eos`` rows and may replace the invalid
-    tokens by ``pad_token_id`` with ``tokens.masked_fill(~mask, pad_token_id)``.
-    """
-    if tokens.dim() != 2:
-        raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
-    T = tokens.shape[1]
-    positions = torch.arange(T, device=tokens.device).expand_as(tokens)
-
-    is_eos = tokens == eos_token_id
-    has_eos = is_eos.any(dim=1)
-    # first EOS position; T (= past the end) where there is none
-    first_eos = torch.where(is_eos, positions, T).min(dim=1).values
-    # without EOS: everything up to the last non-pad token
-    last_non_pad = last_valid_index(tokens != pad_token_id)
-    last_kept = torch.where(has_eos, first_eos, last_non_pad)
-    mask = positions <= last_kept.unsqueeze(1)
-    return mask, has_eos
-
-
-# --------------------------------------------------------------------------- log-probs
-
-
-# fp32 elements of one no-grad log-softmax chunk (512 MB): old / reference log-probs of a long rollout
-# with a large vocabulary are computed a few rows at a time instead of all at once.
-_NO_GRAD_CHUNK_ELEMENTS = 2**27
-
-
-def _scaled_log_softmax(logits: torch.Tensor, temperature: float, support: torch.Tensor | None) -> torch.Tensor:
-    """log softmax(logits / temperature) over the ``support`` ids (the others get -inf), in at least fp32."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = _at_least_fp32(logits)
-    if temperature != 1.0:
-        z = z / temperature
-    if support is not None:
-        z = z.masked_fill(~support.to(z.device), float("-inf"))
-    return torch.log_softmax(z, dim=-1)
-
-
-def _row_chunks(logits: torch.Tensor) -> list[slice]:
-    """Slices of the leading dimension. Under autograd all rows at once (the backward keeps the fp32
-    log-softmax anyway); without, as many rows as fit in ``_NO_GRAD_CHUNK_ELEMENTS``."""
-    rows = logits.shape[0]
-    if logits.requires_grad and torch.is_grad_enabled() or rows == 0:
-        return [slice(None)]
-    step = max(1, _NO_GRAD_CHUNK_ELEMENTS // max(1, logits[0].numel()))
-    return [slice(i, i + step) for i in range(0, rows, step)]
-
-
-def logprobs_from_logits(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, support: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Log-probability of ``tokens`` under ``softmax(logits / temperature)`` over the ``support`` ids.
-
-        logp[b, t] = z[b, t, tokens[b, t]] - logsumexp_{v in support} z[b, t, v],   z = logits / temperature
-
-    ``logits`` ``(B, T, V)``, ``tokens`` ``(B, T)`` -> ``(B, T)``, differentiable.
-
-    ``temperature`` and ``support`` (a ``(V,)`` bool mask, None: every id) must be those the
-    responses were sampled with (`rlhfkit.generate.sampling_support`), so that the PPO ratio and the
-    KL refer to the distribution that actually produced the tokens. A token outside the support
-    gets -inf (it cannot have been sampled; the losses zero padded positions before using them).
-
-    Precision: bf16/fp16 logits are UPCAST to fp32 (a bf16 log-softmax is off by ~1e-2 nats);
-    the result is fp32 (fp64 stays fp64). Memory: one ``log_softmax(...).gather``; without
-    autograd (old / reference log-probs) it runs on chunks of rows so that the fp32 copy stays
-    under ~512 MB.
-    """
-    if logits.shape[:-1] != tokens.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} do not align"
-        )
-    return torch.cat([
-        _scaled_log_softmax(logits[rows], temperature, support).gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1)
-        for rows in _row_chunks(logits)
-    ])  # fmt: skip
-
-
-def entropy_from_logits(
-    logits: torch.Tensor, temperature: float = 1.0, support: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Entropy of ``softmax(logits / temperature)`` over the ``support`` ids per position: ``(B, T, V) -> (B, T)``.
-
-        H = -sum_v p_v log p_v   (ids outside the support have p_v = 0 and add nothing)
-
-    Upcasts to fp32 and chunks like ``logprobs_from_logits``.
-    """
-    out = []
-    for rows in _row_chunks(logits):
-        logp = _scaled_log_softmax(logits[rows], temperature, support)
-        p = logp.exp()
-        if support is not None:  # p * log p is 0 * -inf = nan there (and so is its gradient): use log p = 0
-            logp = logp.masked_fill(~support.to(logp.device), 0.0)
-        out.append(-(p * logp).sum(dim=-1))
-    return torch.cat(out)
-
+from .kl_control import AdaptiveKLController, FixedKLController  # noqa: F401 (re-exported: the maths in one import)
+from .logprobs import (  # noqa: F401
+    _at_least_fp32,
+    _bool_mask,
+    _zero_padding,
+    entropy_from_logits,
+    first_eos_mask,
+    last_valid_index,
+    logprobs_from_logits,
+)
 
 # --------------------------------------------------------------------------- masked statistics
 
@@ -368,23 +251,23 @@ def gae(
 # --------------------------------------------------------------------------- losses
 
 
-def policy_loss(
+def clipped_surrogate(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss (Schulman et al. 2017), a masked mean over tokens.
+    """PPO's clipped surrogate per token (Schulman et al. 2017), NOT reduced: ``(B, T)``, 0 on padding.
 
         ratio = exp(logprobs - old_logprobs)
-        loss  = mean_valid( max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c)) )
-              = -mean_valid( min(ratio * A, clip(ratio) * A) )
+        l_t   = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - c, 1 + c))
 
-    ``logprobs`` carries the gradient; ``old_logprobs`` (rollout-time policy) and
-    ``advantages`` are treated as constants (detached here).
+    ``logprobs`` carries the gradient; ``old_logprobs`` (rollout-time policy) and ``advantages``
+    are treated as constants (detached here). How the tokens are averaged is the caller's
+    (``policy_loss``: a token mean; GRPO: ``token_weights``).
 
-    stats (detached 0-dim tensors):
+    stats (detached 0-dim tensors, token means):
 
     * ``clipfrac``: fraction of valid tokens where the CLIPPED term is the one chosen
       (strictly), i.e. tokens whose gradient is zeroed by clipping. Tokens outside the
@@ -402,7 +285,7 @@ def policy_loss(
 
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    per_token_loss = _zero_padding(torch.maximum(unclipped, clipped), m)
 
     with torch.no_grad():
         stats = {
@@ -410,7 +293,25 @@ def policy_loss(
             "approx_kl": masked_mean((ratio - 1.0) - log_ratio, m),
             "ratio_mean": masked_mean(ratio, m),
         }
-    return loss, stats
+    return per_token_loss, stats
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate loss, a masked mean over tokens (``clipped_surrogate`` averaged).
+
+        loss = mean_valid( max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c)) )
+             = -mean_valid( min(ratio * A, clip(ratio) * A) )
+
+    stats: as ``clipped_surrogate``.
+    """
+    per_token_loss, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range)
+    return masked_mean(per_token_loss, mask), stats
 
 
 def value_loss(
@@ -467,59 +368,113 @@ def explained_variance(
     return 1.0 - var_residual / var_returns
 
 
-# --------------------------------------------------------------------------- KL controllers
+# --------------------------------------------------------------------------- critic-free advantages (RLOO, GRPO)
 
 
-class FixedKLController:
-    """Constant KL coefficient beta."""
-
-    def __init__(self, beta: float):
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        self.value = float(beta)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        """No-op (the signature matches ``AdaptiveKLController.update``)."""
-
-    def state_dict(self) -> dict:
-        return {"type": "fixed", "value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
+def _groups(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B,)`` rewards as ``(B / k, k)`` groups, one row per prompt, in at least fp32."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be (B,), got shape {tuple(rewards.shape)}")
+    if k < 2 or rewards.numel() % k:
+        raise ValueError(f"need k >= 2 responses per prompt and B a multiple of k; got B = {rewards.numel()}, k = {k}")
+    return _at_least_fp32(rewards.detach()).view(-1, k)
 
 
-class AdaptiveKLController:
-    """Adaptive KL coefficient of Ziegler et al. 2019 (section 2.2), a P-controller.
+def rloo_baseline(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """The leave-one-out baseline of RLOO (Ahmadian et al. 2024): the mean reward of the OTHER k - 1
+    responses to the same prompt.
 
-        error = clip(current_kl / target - 1, -0.2, 0.2)
-        beta <- beta * (1 + error * n_steps / horizon)
+        b_i = (sum_{j in group(i)} R_j - R_i) / (k - 1)
 
-    ``current_kl`` is the KL per RESPONSE (sum over its tokens of the k1 ``kl`` from
-    ``rewards_with_kl``, averaged over the batch), in the same unit as ``target``
-    (nats per response). ``n_steps`` is the number of responses (episodes) in the
-    batch, as in the paper and TRL.
-
-    ``state_dict()`` holds beta as a Python float, so ``load_state_dict`` restores it
-    bit-exactly. Only beta is restored: ``target`` and ``horizon`` come from the
-    (resumed) run's config, i.e. the constructor.
+    ``rewards`` ``(B,)``, a prompt's k responses consecutive -> ``(B,)``, detached. It does not depend on
+    R_i itself, so ``R_i - b_i`` is an unbiased REINFORCE advantage.
     """
+    g = _groups(rewards, k)
+    return ((g.sum(dim=1, keepdim=True) - g) / (k - 1)).reshape(-1)
 
-    def __init__(self, init_beta: float, target: float, horizon: float):
-        if init_beta < 0:
-            raise ValueError(f"init_beta must be >= 0, got {init_beta}")
-        if target <= 0 or horizon <= 0:
-            raise ValueError(f"target and horizon must be > 0, got {target}, {horizon}")
-        self.value = float(init_beta)
-        self.target = float(target)
-        self.horizon = float(horizon)
 
-    def update(self, current_kl: float, n_steps: int) -> None:
-        current_kl = float(current_kl)
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """RLOO advantages: ``A_i = R_i - b_i`` (``rloo_baseline``) = ``k / (k - 1) * (R_i - mean_group R)``. ``(B,)``, detached."""
+    return _at_least_fp32(rewards.detach()) - rloo_baseline(rewards, k)
 
-    def state_dict(self) -> dict:
-        return {"type": "adaptive", "value": self.value, "target": self.target, "horizon": self.horizon}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
+def grpo_advantages(rewards: torch.Tensor, k: int, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages of GRPO (Shao et al. 2024), one per response, ``(B,)``, detached.
+
+        scale_by_std=True  (GRPO):     A_i = (R_i - mean_group R) / (std_group R + eps)
+        scale_by_std=False (Dr. GRPO): A_i =  R_i - mean_group R
+
+    ``std`` is the unbiased standard deviation of the k rewards of the group (as TRL); a group whose
+    rewards are all equal gets advantages 0 either way. Liu et al. 2025 (Dr. GRPO) drop the std
+    division: it weights prompts whose responses score alike (too easy or too hard) more.
+    """
+    g = _groups(rewards, k)
+    centered = g - g.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centered = centered / (g.std(dim=1, keepdim=True) + eps)
+    return centered.reshape(-1)
+
+
+def per_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A per-response value ``(B,)`` on every valid token of its response: ``(B, T)``, 0 on padding."""
+    m = _bool_mask(mask)
+    return _zero_padding(values.detach().unsqueeze(1).expand(m.shape).to(torch.promote_types(values.dtype, torch.float32)), m)
+
+
+def k3_in_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's KL term per token (Shao et al. 2024, eq. 4), differentiable through the tuned policy's ``logprobs``:
+
+        k3 = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1    (>= 0; its gradient is that of KL(pi_theta || pi_ref))
+
+    ``(B, T)``, 0 on padding: the log-ratio is zeroed there BEFORE the exponential, so a -inf log-prob on
+    padding (the pad id is outside the sampling support) gives neither inf nor a NaN gradient.
+    """
+    m = _bool_mask(mask)
+    log_ratio = _zero_padding(logprobs - ref_logprobs.detach(), m)  # log pi_theta - log pi_ref
+    return _zero_padding(kl_penalty(log_ratio, torch.zeros_like(log_ratio), "k3"), m)
+
+
+LOSS_AGGREGATIONS = ("token", "sequence", "constant")
+
+
+def token_weights(mask: torch.Tensor, aggregation: str = "token", max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """How per-token losses ``l`` are averaged into one loss: per-token weights ``w`` ``(B, T)`` (0 on
+    padding) and per-response units ``u`` ``(B,)`` such that the loss of a (mini)batch is
+
+        loss = sum_{b,t} w[b, t] * l[b, t] / sum_b u[b]
+
+    * ``"token"``:    w = 1,              u = length of response b   -> mean over all valid tokens
+      (PPO, RLOO; DAPO's token-level mean: long responses weigh by their length).
+    * ``"sequence"``: w = 1 / len_b,      u = 1   -> mean over responses of each response's token mean
+      (GRPO's 1/|o_i| sum_t, Shao et al. 2024).
+    * ``"constant"``: w = 1 / max_tokens, u = 1   -> sum over tokens / (responses * max_tokens)
+      (Dr. GRPO, Liu et al. 2025: no length normalisation, so short wrong answers are not favoured).
+
+    The units are summed over a minibatch (and over processes) by the caller, so micro-batches and
+    processes do not change the update.
+    """
+    m = _bool_mask(mask)
+    lengths = m.sum(dim=1).to(torch.float32)
+    if aggregation == "token":
+        w, units = m.to(torch.float32), lengths
+    elif aggregation == "sequence":
+        w, units = m / lengths.clamp(min=1).unsqueeze(1), torch.ones_like(lengths)
+    elif aggregation == "constant":
+        if not max_tokens or max_tokens < 1:
+            raise ValueError(f"aggregation 'constant' needs max_tokens >= 1, got {max_tokens}")
+        w, units = m / float(max_tokens), torch.ones_like(lengths)
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {LOSS_AGGREGATIONS}")
+    return w.to(torch.float32), units
+
+
+def weighted_token_sum(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum_{b,t} weights[b, t] * x[b, t]`` over valid tokens; the padding of ``x`` is zeroed first, so NaN/inf
+    there changes neither the value nor the gradient (0 * NaN would be NaN)."""
+    return (_zero_padding(x, mask) * weights).sum()
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str = "token", max_tokens: int | None = None) -> torch.Tensor:
+    """One batch's loss from per-token losses ``x`` ``(B, T)``: ``sum(w * x) / sum(u)`` with ``token_weights``."""
+    weights, units = token_weights(mask, aggregation, max_tokens)
+    return weighted_token_sum(x, weights, mask) / units.sum().clamp(min=1e-12)
