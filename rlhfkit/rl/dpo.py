@@ -190,7 +190,7 @@ def reference_logprobs(cfg: DPOConfig, policy, tokenizer, splits: dict[str, list
         with policy.disable_adapter():
             ref = {name: logprobs_of(ResponseLogprobs(policy), items, tokenizer.pad_token_id, cfg.batch_size, accelerator) for name, items in splits.items()}
     else:  # a frozen SFT copy, for this one pass
-        sft = load_causal_lm(cfg.model, tokenizer).to(accelerator.device).eval()
+        sft = load_causal_lm(model_path_of(cfg.model), tokenizer).to(accelerator.device).eval()
         ref = {name: logprobs_of(ResponseLogprobs(sft), items, tokenizer.pad_token_id, cfg.batch_size, accelerator) for name, items in splits.items()}
         del sft
     if accelerator.is_main_process:
@@ -255,7 +255,7 @@ def run_dpo(cfg: DPOConfig, stop_after: int | None = None) -> Path:
     )  # fmt: skip
 
     # 2. the policy starts from SFT; the reference log-probs are computed once
-    policy = load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers).to(accelerator.device)
+    policy = load_causal_lm(model_path_of(cfg.model), tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers).to(accelerator.device)
     reference = reference_logprobs(cfg, policy, tokenizer, {"train": train_items, "eval": eval_items}, run, accelerator)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(policy)
