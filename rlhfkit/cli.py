@@ -230,8 +230,9 @@ def pipeline(
         import json
 
         from .evaluate import print_eval_table
+        from .pipeline import step_costs
 
-        print_eval_table(json.loads(eval_json.read_text()))
+        print_eval_table(json.loads(eval_json.read_text()), step_costs(plan.run))
     typer.echo(f"run folder: {plan.run}")
     if "report" in plan.steps:
         typer.echo(f"report: {plan.run / 'report.html'}")

@@ -610,6 +610,10 @@ class EvaluateConfig(Section):
     """The SFT policy (a run folder, whose final/ is used, or a model folder); also the reference of the KL."""
     rlhf_model: str = "runs/ppo"
     """The RLHF (PPO) policy: a run folder, whose final/ is used, or a model folder."""
+    methods: dict[str, str] = {}
+    """Several RLHF policies to compare with SFT on the same prompts, SFT responses and judges: name -> a run folder
+    or model folder (e.g. {ppo: runs/ppo, dpo: runs/dpo}). When given, rlhf_model is not used: eval.json's top level
+    describes the first method and its `methods` holds the same block for each one ({}: rlhf_model alone)."""
     reward_model: str = "runs/reward"
     """The reward model PPO optimised (a reward-model folder, its run folder, or a hub id in the HF cache)."""
     judge_reward_model: str | None = Field(None, validation_alias=AliasChoices("judge_reward_model", "judge"))
@@ -683,6 +687,37 @@ class PipelinePPOConfig(PPOConfig):
     """Reward model (and critic initialisation): 'reward' (this pipeline's reward model) or a reward-model folder."""
 
 
+class PipelineDPOConfig(DPOConfig):
+    """DPO inside `rlhfkit pipeline` (used by the methods whose algorithm is dpo)."""
+
+    output_dir: str = "dpo"
+    """Folder of the step, relative to the pipeline's output_dir (a method's folder is its name)."""
+    model: str = "sft"
+    """The policy and the frozen reference start from: 'sft' (this pipeline's SFT model) or a model folder."""
+    data: list[str] | str | None = None
+    """Comparisons; None: the reward model's (after the judge's share is split off), held out as the reward step holds
+    them out (its eval_data, or its eval_fraction and seed), so DPO's implicit reward and the reward model are measured
+    on the same held-out comparisons and DPO never sees the judge's prompts."""
+
+
+class PipelineMethod(Section):
+    """One step-3 method of a comparison run: its algorithm and how its config differs from its section."""
+
+    name: str = ""
+    """The method's name: its folder under output_dir and its label in the evaluation ('': the algorithm). Not one of
+    sft, reward, judge, evaluate, report, data."""
+    algorithm: Literal["ppo", "rloo", "grpo", "dpo"] = "ppo"
+    """'ppo', 'rloo', 'grpo': the `ppo` section's config with `algorithm` set (the rlhfkit.rl package); 'dpo': the
+    `dpo` section's config (trained on the reward model's comparisons, no reward model)."""
+    overrides: dict[str, Any] = {}
+    """Fields of this method's config that differ from its section, e.g. {learning_rate: 1.0e-4, generation.batch_size: 8}
+    (dotted names for nested fields)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.algorithm
+
+
 class PipelineEvaluateConfig(EvaluateConfig):
     """Step 4 inside `rlhfkit pipeline`."""
 
@@ -737,7 +772,13 @@ class PipelineConfig(Section):
     """Optional judge reward model (fields of `rlhfkit config-doc reward`), trained after the reward model and used
     only by the evaluation; None: no judge."""
     ppo: PipelinePPOConfig = PipelinePPOConfig()
-    """Step 3: PPO (every field of `rlhfkit config-doc ppo`)."""
+    """Step 3: PPO (every field of `rlhfkit config-doc ppo`); with `methods`, the base of the ppo / rloo / grpo methods."""
+    dpo: PipelineDPOConfig = PipelineDPOConfig()
+    """DPO's settings (every field of `rlhfkit config-doc dpo`), the base of the methods whose algorithm is dpo."""
+    methods: list[PipelineMethod] = []
+    """Several step-3 methods from the same SFT and reward model, each in its own folder, compared by the evaluation
+    on the same held-out prompts under the same judge (e.g. [{algorithm: ppo}, {algorithm: rloo}, {algorithm: grpo},
+    {algorithm: dpo}]); the step 'ppo' of `steps` runs them all, in this order. []: the `ppo` section alone."""
     evaluate: PipelineEvaluateConfig = PipelineEvaluateConfig()
     """Step 4: the evaluation (every field of `rlhfkit config-doc evaluate`)."""
 
@@ -765,6 +806,8 @@ __all__ += [
     "PipelineConfig",
     "PipelineEvaluateConfig",
     "PipelineJudgeConfig",
+    "PipelineDPOConfig",
+    "PipelineMethod",
     "PipelinePPOConfig",
     "PipelineRewardConfig",
     "PipelineSFTConfig",
