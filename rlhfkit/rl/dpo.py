@@ -7,7 +7,8 @@ Read top to bottom, as the paper goes:
    weighted 1/pairs so that every prompt weighs the same (`reward.expand_comparison`, the reward model's weights).
    Each distinct response is one row: the chat-templated prompt (masked) + the response + EOS (the SFT layout).
 2. **The reference** pi_ref is the SFT policy. The summed log-prob of every row under it is computed once, before
-   training, and kept in `reference_logps.safetensors`; a resumed run reloads it (or, if it is gone, recomputes it:
+   training (for the comparisons the run will visit: all of them after one epoch), and kept in
+   `reference_logps.safetensors`; a resumed run reloads it (or, if it is gone, recomputes it:
    the reference never changes). With LoRA the reference is the policy with its adapter switched off, so one base
    network sits in memory; without LoRA a frozen SFT copy is loaded for that pass only and freed.
 3. **The loss** (`preference_math`): per pair, h = log pi - log pi_ref of each side, then -log sigmoid(beta (h_w - h_l))
@@ -22,6 +23,7 @@ Read top to bottom, as the paper goes:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -160,22 +162,38 @@ def logprobs_of(module: torch.nn.Module, items: Sequence[PreferenceItem], pad_id
 # ----------------------------------------------------------------------------- 2. the reference, computed once
 
 
-def fingerprint(cfg: DPOConfig, *splits: Sequence[PreferenceItem]) -> str:
-    """What the cached reference log-probs depend on: the reference model, the precision and every row's tokens."""
+def items_seen(plan: DataPlan, total_steps: int) -> set[int]:
+    """Indices of the training items that steps 0..total_steps-1 visit, on any process (the plan is a pure function of
+    seed and step): a run of max_steps shorter than an epoch needs the reference of those comparisons only."""
+    seen = set()
+    for p in range(plan.num_processes):
+        replica = dataclasses.replace(plan, process_index=p)
+        for step in range(total_steps):
+            seen.update(item.index for micro in replica.step(step).micro_batches for item in micro)
+    return seen
+
+
+def fingerprint(cfg: DPOConfig, splits: dict[str, list[PreferenceItem]], needed: dict[str, set[int]]) -> str:
+    """What the cached reference log-probs depend on: the reference model, the precision, every row's tokens and
+    which items were computed."""
     h = hashlib.sha256(f"{model_path_of(cfg.model)}|{cfg.precision}".encode())
-    for items in splits:
+    for name, items in splits.items():
+        h.update(json.dumps([name, sorted(needed[name])]).encode())
         for item in items:
             for row in item.rows:
                 h.update(json.dumps([row.prompt_length, row.input_ids]).encode())
     return h.hexdigest()
 
 
-def reference_logprobs(cfg: DPOConfig, policy, tokenizer, splits: dict[str, list[PreferenceItem]], run: RunDir, accelerator) -> dict[str, list[torch.Tensor]]:
-    """log pi_ref of every row of every split: read from the run folder, or computed (and saved there) once."""
+def reference_logprobs(
+    cfg: DPOConfig, policy, tokenizer, splits: dict[str, list[PreferenceItem]], needed: dict[str, set[int]], run: RunDir, accelerator
+) -> dict[str, list[torch.Tensor]]:
+    """log pi_ref of every row of the `needed` items of each split (NaN for the others, which nothing reads): read
+    from the run folder, or computed (and saved there) once."""
     from safetensors.torch import load_file, save_file
 
     path = run.path / REFERENCE_FILE
-    stamp = fingerprint(cfg, *splits.values())
+    stamp = fingerprint(cfg, splits, needed)
     if path.exists():
         from safetensors import safe_open
 
@@ -186,12 +204,21 @@ def reference_logprobs(cfg: DPOConfig, policy, tokenizer, splits: dict[str, list
             log.info("reference log-probs read from %s", path)
             return {name: list(flat[name].split([len(i.rows) for i in items])) for name, items in splits.items()}
         log.warning("%s was made from other data or another reference; computing it again", path)
+
+    def compute(model) -> dict[str, list[torch.Tensor]]:
+        out = {}
+        for name, items in splits.items():
+            todo = [item for item in items if item.index in needed[name]]
+            done = dict(zip((item.index for item in todo), logprobs_of(ResponseLogprobs(model), todo, tokenizer.pad_token_id, cfg.batch_size, accelerator)))
+            out[name] = [done.get(item.index, torch.full((len(item.rows),), float("nan"))) for item in items]
+        return out
+
     if cfg.lora.enabled:  # the SFT policy is the policy's base with the adapter off: no second network
         with policy.disable_adapter():
-            ref = {name: logprobs_of(ResponseLogprobs(policy), items, tokenizer.pad_token_id, cfg.batch_size, accelerator) for name, items in splits.items()}
+            ref = compute(policy)
     else:  # a frozen SFT copy, for this one pass
         sft = load_causal_lm(model_path_of(cfg.model), tokenizer).to(accelerator.device).eval()
-        ref = {name: logprobs_of(ResponseLogprobs(sft), items, tokenizer.pad_token_id, cfg.batch_size, accelerator) for name, items in splits.items()}
+        ref = compute(sft)
         del sft
     if accelerator.is_main_process:
         tmp = path.with_suffix(".tmp")
@@ -199,7 +226,8 @@ def reference_logprobs(cfg: DPOConfig, policy, tokenizer, splits: dict[str, list
         save_file(flat, str(tmp), metadata={"fingerprint": stamp})
         tmp.replace(path)
     accelerator.wait_for_everyone()
-    log.info("reference log-probs of %d rows computed and saved to %s", sum(len(t) for v in ref.values() for t in v), path)
+    rows = sum(int(torch.isfinite(t).sum()) for v in ref.values() for t in v)
+    log.info("reference log-probs of %d rows (the comparisons this run sees) computed and saved to %s", rows, path)
     return ref
 
 
@@ -256,7 +284,9 @@ def run_dpo(cfg: DPOConfig, stop_after: int | None = None) -> Path:
 
     # 2. the policy starts from SFT; the reference log-probs are computed once
     policy = load_causal_lm(model_path_of(cfg.model), tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers).to(accelerator.device)
-    reference = reference_logprobs(cfg, policy, tokenizer, {"train": train_items, "eval": eval_items}, run, accelerator)
+    splits = {"train": train_items, "eval": eval_items}
+    needed = {"train": items_seen(plan, total_steps_for(plan, cfg)), "eval": {item.index for item in eval_items}}
+    reference = reference_logprobs(cfg, policy, tokenizer, splits, needed, run, accelerator)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     wrapped = ResponseLogprobs(policy)
