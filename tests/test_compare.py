@@ -93,3 +93,18 @@ def test_compare_ppo_and_dpo_on_the_same_prompts_under_the_same_judge(tmp_path, 
     assert table["training time"]["dpo"].endswith(" s") and table["peak memory of the step (RSS; GPU: allocated)"]["ppo"].endswith("GB")
     html = (run / "report.html").read_text()
     assert "Step-3 methods against the same SFT responses" in html and "DPO" in html and html.count("<details><summary><b>") == 2
+
+
+def test_the_compare_config_runs_ppo_rloo_grpo_and_dpo_on_the_bundled_data(monkeypatch):
+    from rlhfkit.pipeline import missing_data_files
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = load_config(PipelineConfig, "configs/compare.yaml")
+    assert [m.algorithm for m in cfg.methods] == ["ppo", "rloo", "grpo", "dpo"] and cfg.model == "default"
+    assert cfg.judge is not None and cfg.evaluate.other_prompts is not None and cfg.evaluate.max_prompts >= 128
+    assert cfg.dpo.data is None  # DPO trains on the reward model's comparisons, held out like them
+    if "algorithm" not in PPOConfig.model_fields:  # before the rlhfkit.rl package: PPO and DPO alone must plan
+        cfg = cfg.model_copy(update={"methods": [m for m in cfg.methods if m.algorithm in ("ppo", "dpo")]})
+    plan = plan_pipeline(cfg)
+    assert missing_data_files(cfg, plan) == []
+    assert plan.configs["dpo"].data == plan.configs["reward"].data and plan.configs["dpo"].model.endswith("sft")
