@@ -22,7 +22,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_ppo_e2e import GOLD_WORD, _demonstration_response, _prompt, gold, gold_share_and_kl, messages  # noqa: E402
+from test_ppo_e2e import _demonstration_response, _prompt, gold, gold_share_and_kl, messages  # noqa: E402
 
 from conftest import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 

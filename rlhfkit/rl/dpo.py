@@ -38,7 +38,7 @@ from ..data import Comparison, load_comparisons, split_by_prompt
 from ..generate import model_path_of
 from ..models import backbone_and_head, enable_activation_checkpointing, load_causal_lm, load_tokenizer, save_model
 from ..reward import comparison_metrics, expand_comparison, flat_metrics, response_scores
-from ..tokens import IGNORE_INDEX, Example, collate, encode_example, encode_prompt, encode_response, truncate
+from ..tokens import IGNORE_INDEX, Example, collate, encode_prompt, encode_response, truncate
 from ..training import (
     DataPlan,
     RunDir,
@@ -139,7 +139,7 @@ class ResponseLogprobs(torch.nn.Module):
         where = torch.zeros_like(mask, dtype=torch.long)
         where[mask] = trained.nonzero()[:, 1]
         picked = hidden[:, :-1].gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
-        tokens = targets.gather(1, where).clamp(min=0)
+        tokens = targets.gather(1, where)  # -100 on the padding slots: masked
         return sequence_logprobs(head(picked), tokens, mask)
 
 
