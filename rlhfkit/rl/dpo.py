@@ -335,7 +335,7 @@ def run_dpo(cfg: DPOConfig, stop_after: int | None = None) -> Path:
     # 5. save like SFT, with the held-out accuracy beside it
     if accelerator.is_main_process:
         what = {"data": cfg.eval_data if cfg.eval_data is not None else f"{cfg.eval_fraction:.0%} of the prompts of {cfg.data} (seed {cfg.seed})",
-                "measure": "implicit reward beta * (log pi - log pi_ref) as a reward model's score", "beta": cfg.beta, "loss": cfg.loss}  # fmt: skip
+                "measure": "implicit reward beta * (log pi - log pi_ref) as a reward model's score", "beta": cfg.beta, "objective": cfg.loss}  # fmt: skip
         (run.path / ACCURACY_FILE).write_text(json.dumps({**what, **heldout}, indent=1, default=str))
         save_model(accelerator.unwrap_model(wrapped).model, tokenizer, run.final, merge_lora=cfg.lora.merge_on_save)
     accelerator.wait_for_everyone()
