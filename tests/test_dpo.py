@@ -220,3 +220,19 @@ if __name__ == "__main__":  # manual runs, e.g. to see it fail:  --learning_rate
     from rlhfkit.config import parse_overrides
 
     print(json.dumps(run_gold_experiment(Path(tempfile.mkdtemp(prefix="dpo-e2e-")), **parse_overrides(sys.argv[1:])), indent=1, default=str))
+
+
+def test_every_dpo_config_field_is_documented_and_the_command_exists():
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+    from rlhfkit.config import DPOConfig, PipelineDPOConfig, PipelineMethod
+
+    for cls in (DPOConfig, PipelineDPOConfig, PipelineMethod):
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{cls.__name__}.{name} has no docstring"
+    doc = CliRunner().invoke(app, ["config-doc", "dpo"])
+    assert doc.exit_code == 0 and "label_smoothing: 0.0" in doc.output and "loss: dpo" in doc.output
+    assert CliRunner().invoke(app, ["dpo", "--help"]).exit_code == 0
+    bad = CliRunner().invoke(app, ["dpo", "--loss", "kto"])
+    assert bad.exit_code == 2 and "loss" in bad.output
