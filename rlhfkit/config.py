@@ -696,8 +696,9 @@ class PipelineDPOConfig(DPOConfig):
     """The policy and the frozen reference start from: 'sft' (this pipeline's SFT model) or a model folder."""
     data: list[str] | str | None = None
     """Comparisons; None: the reward model's (after the judge's share is split off), held out as the reward step holds
-    them out (its eval_data, or its eval_fraction and seed), so DPO's implicit reward and the reward model are measured
-    on the same held-out comparisons and DPO never sees the judge's prompts."""
+    them out (its eval_data, or its eval_fraction and seed; max_eval_comparisons, unless set here, = evaluate.max_comparisons),
+    so DPO's implicit reward and the reward model are measured on the same held-out comparisons and DPO never sees the
+    judge's prompts."""
 
 
 class PipelineMethod(Section):

@@ -248,6 +248,8 @@ def _method_config(cfg: PipelineConfig, method, output_dir: str, ref, ppo_prompt
         if data["data"] is None:  # the reward model's comparisons and held-out split (see PipelineDPOConfig.data)
             r = cfg.reward
             data.update(data=reward_data, eval_data=r.eval_data, eval_fraction=r.eval_fraction, seed=r.seed, score_range=r.score_range)
+            if cfg.evaluate.max_comparisons and "max_eval_comparisons" not in cfg.dpo.model_fields_set:
+                data["max_eval_comparisons"] = cfg.evaluate.max_comparisons  # the comparisons the reward model is measured on
     else:
         cls, data = PPOConfig, cfg.ppo.model_dump()
         if data["prompts"] == cfg.ppo.prompts:

@@ -39,6 +39,7 @@ def test_plan_runs_every_method_from_the_same_sft_and_reward_model(tmp_path):
     # DPO trains on the reward model's comparisons (the judge's prompts split off) and holds out what the reward step holds out
     assert dpo.data == c["reward"].data == str(run / "data" / "reward_comparisons.jsonl")
     assert (dpo.eval_fraction, dpo.seed, dpo.eval_data) == (c["reward"].eval_fraction, c["reward"].seed, c["reward"].eval_data)
+    assert dpo.max_eval_comparisons == c["evaluate"].max_comparisons == 12  # the comparisons the reward model's accuracy uses
     ev = c["evaluate"]
     assert ev.methods == {"ppo": str(run / "ppo"), "dpo": str(run / "dpo")} and ev.rlhf_model == str(run / "ppo")
     assert set(plan.deps["evaluate"]) >= {"sft", "reward", "judge", "ppo", "dpo"} and plan.deps["dpo"] == ["sft"]
