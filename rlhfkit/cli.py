@@ -4,6 +4,7 @@
     rlhfkit generate --model runs/sft --prompts prompts.jsonl
     rlhfkit candidates --prompts prompts.jsonl --model runs/sft --model default -k 4 -o tasks.jsonl
     rlhfkit reward --config configs/reward.yaml --lora.enabled true
+    rlhfkit dpo --config configs/dpo.yaml --loss ipo
     rlhfkit score --reward-model runs/reward --input pairs.jsonl -o scores.jsonl
     rlhfkit reward-eval --reward-model runs/reward --data hh-rlhf:helpful-base.jsonl.gz -o eval.json
     rlhfkit config-doc sft
@@ -48,7 +49,7 @@ def _config_classes() -> dict[str, type]:
     return {name: getattr(c, cls) for name, cls in CONFIGS.items() if hasattr(c, cls)}
 
 
-CONFIGS = {"sft": "SFTConfig", "generate": "GenerateConfig", "reward": "RewardConfig", "ppo": "PPOConfig", "candidates": "CandidatesConfig",
+CONFIGS = {"sft": "SFTConfig", "generate": "GenerateConfig", "reward": "RewardConfig", "ppo": "PPOConfig", "dpo": "DPOConfig", "candidates": "CandidatesConfig",
            "pipeline": "PipelineConfig", "evaluate": "EvaluateConfig", "chat": "ChatConfig"}
 
 
@@ -198,6 +199,19 @@ def ppo(ctx: typer.Context, config: Optional[Path] = ConfigOpt):
 
 
 @app.command(context_settings=OVERRIDES)
+def dpo(ctx: typer.Context, config: Optional[Path] = ConfigOpt):
+    """Step 3 without a reward model: DPO (or IPO, `--loss ipo`) on comparisons, from the SFT policy."""
+    from .config import DPOConfig
+    from .rl.dpo import ACCURACY_FILE, run_dpo
+
+    _setup_logging()
+    cfg = _load(DPOConfig, config, ctx.args)
+    out = _run_guarded(lambda: run_dpo(cfg))
+    typer.echo(f"policy: {out}\nmetrics: {Path(cfg.output_dir) / 'metrics.jsonl'} (TensorBoard: {Path(cfg.output_dir) / 'tb'}), "
+               f"held-out implicit-reward accuracy: {Path(cfg.output_dir) / ACCURACY_FILE}")
+
+
+@app.command(context_settings=OVERRIDES)
 def pipeline(
     ctx: typer.Context,
     config: Optional[Path] = ConfigOpt,
@@ -216,8 +230,9 @@ def pipeline(
         import json
 
         from .evaluate import print_eval_table
+        from .pipeline import step_costs
 
-        print_eval_table(json.loads(eval_json.read_text()))
+        print_eval_table(json.loads(eval_json.read_text()), step_costs(plan.run))
     typer.echo(f"run folder: {plan.run}")
     if "report" in plan.steps:
         typer.echo(f"report: {plan.run / 'report.html'}")

@@ -422,6 +422,54 @@ class PPOConfig(TrainingSettings):
         return value
 
 
+class DPOConfig(TrainingSettings):
+    """Step 3 without a reward model: DPO (or IPO) on the comparisons the reward model trains on.
+
+    The policy and the frozen reference both start from the SFT model (`model`); the reference log-probs of every
+    comparison are computed once, before training (with LoRA: the policy with its adapter switched off, so one base
+    network sits in memory) and kept in reference_logps.safetensors in the run folder. One step is one optimiser
+    step over `batch_size * grad_accum * processes` comparisons (prompts); every prompt weighs the same, its K-wise
+    ranking expanded into pairs of weight 1/pairs, as in the reward model's loss."""
+
+    output_dir: str = "runs/dpo"
+    """Run folder: checkpoints, metrics.jsonl + TensorBoard, reference_logps.safetensors, heldout_accuracy.json, the
+    tuned policy in final/ (loads with AutoModelForCausalLM)."""
+    model: str = "runs/sft"
+    """The SFT model: the policy and the frozen reference start from it (a run folder, whose final/ is used, or a model folder)."""
+    data: list[str] | str = "examples/data/hh_pairs.jsonl"
+    """Comparisons, as for the reward model: pairs, K-wise rankings or ratings, in any format the data package reads
+    (TRL preference datasets included), optionally format-prefixed ('jsonl:', 'hh-rlhf:', 'oasst:')."""
+    eval_data: list[str] | str | None = None
+    """Held-out comparisons; if unset, eval_fraction of the prompts of `data` are held out (split by prompt, as the
+    reward step splits with the same eval_fraction and seed, so the implicit reward and the reward model are measured
+    on the same comparisons)."""
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    """Share of prompts held out for evaluation when eval_data is unset (split by prompt)."""
+    max_eval_comparisons: int = Field(512, ge=1)
+    """Cap on held-out comparisons evaluated each time (keeps evaluation cheap)."""
+    score_range: tuple[float, float] | None = (1, 7)
+    """Allowed range of ratings ('score'/'scores' in the data); null accepts any number."""
+    max_length: int = Field(512, ge=16)
+    """Maximum tokens of prompt + response per row, truncated by the SFT rule (the prompt loses its oldest tokens
+    first, keeping at least max_prompt_share of the budget; then the response is cut)."""
+    max_prompt_share: float = Field(0.5, gt=0, lt=1)
+    """Prompt tokens kept at least when truncating is needed (as a share of max_length)."""
+    loss: Literal["dpo", "ipo"] = "dpo"
+    """'dpo': -log sigmoid(beta * (h_w - h_l)) (Rafailov et al. 2023); 'ipo': (h_w - h_l - 1/(2 beta))^2 (Azar et al.
+    2023); h = log pi(y|x) - log pi_ref(y|x) summed over the response tokens."""
+    beta: float = Field(0.1, gt=0)
+    """beta: the strength of the KL regularisation toward the SFT policy (DPO: the implicit reward's scale; IPO: the
+    target log-ratio gap is 1/(2 beta)). Smaller moves further from SFT."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """DPO only: the assumed probability that a preference label is flipped (conservative DPO; 0: off)."""
+    batch_size: int = Field(8, ge=1)
+    """Comparisons (prompts) per micro-batch on each process; a comparison with K distinct responses is K rows."""
+    learning_rate: float = Field(1e-6, gt=0)
+    """Peak learning rate of AdamW (DPO's usual 5e-7 to 1e-6 for full fine-tuning; LoRA wants ~5e-5)."""
+    eval_bins: int = Field(10, ge=2)
+    """Bins of the calibration table of the held-out implicit-reward accuracy."""
+
+
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -551,6 +599,7 @@ __all__ = [
     "GenerateConfig",
     "GenerationSettings",
     "LoraSettings",
+    "DPOConfig",
     "PPOConfig",
     "RolloutSettings",
     "RewardConfig",
@@ -603,6 +652,10 @@ class EvaluateConfig(Section):
     """The SFT policy (a run folder, whose final/ is used, or a model folder); also the reference of the KL."""
     rlhf_model: str = "runs/ppo"
     """The RLHF (PPO) policy: a run folder, whose final/ is used, or a model folder."""
+    methods: dict[str, str] = {}
+    """Several RLHF policies to compare with SFT on the same prompts, SFT responses and judges: name -> a run folder
+    or model folder (e.g. {ppo: runs/ppo, dpo: runs/dpo}). When given, rlhf_model is not used: eval.json's top level
+    describes the first method and its `methods` holds the same block for each one ({}: rlhf_model alone)."""
     reward_model: str = "runs/reward"
     """The reward model PPO optimised (a reward-model folder, its run folder, or a hub id in the HF cache)."""
     judge_reward_model: str | None = Field(None, validation_alias=AliasChoices("judge_reward_model", "judge"))
@@ -676,6 +729,38 @@ class PipelinePPOConfig(PPOConfig):
     """Reward model (and critic initialisation): 'reward' (this pipeline's reward model) or a reward-model folder."""
 
 
+class PipelineDPOConfig(DPOConfig):
+    """DPO inside `rlhfkit pipeline` (used by the methods whose algorithm is dpo)."""
+
+    output_dir: str = "dpo"
+    """Folder of the step, relative to the pipeline's output_dir (a method's folder is its name)."""
+    model: str = "sft"
+    """The policy and the frozen reference start from: 'sft' (this pipeline's SFT model) or a model folder."""
+    data: list[str] | str | None = None
+    """Comparisons; None: the reward model's (after the judge's share is split off), held out as the reward step holds
+    them out (its eval_data, or its eval_fraction and seed; max_eval_comparisons, unless set here, = evaluate.max_comparisons),
+    so DPO's implicit reward and the reward model are measured on the same held-out comparisons and DPO never sees the
+    judge's prompts."""
+
+
+class PipelineMethod(Section):
+    """One step-3 method of a comparison run: its algorithm and how its config differs from its section."""
+
+    name: str = ""
+    """The method's name: its folder under output_dir and its label in the evaluation ('': the algorithm). Not one of
+    sft, reward, judge, evaluate, report, data."""
+    algorithm: Literal["ppo", "rloo", "grpo", "dpo"] = "ppo"
+    """'ppo', 'rloo', 'grpo': the `ppo` section's config with `algorithm` set (`rlhfkit ppo --algorithm`); 'dpo': the
+    `dpo` section's config (trained on the reward model's comparisons, no reward model)."""
+    overrides: dict[str, Any] = {}
+    """Fields of this method's config that differ from its section, e.g. {learning_rate: 1.0e-4, generation.batch_size: 8}
+    (dotted names for nested fields)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.algorithm
+
+
 class PipelineEvaluateConfig(EvaluateConfig):
     """Step 4 inside `rlhfkit pipeline`."""
 
@@ -730,7 +815,13 @@ class PipelineConfig(Section):
     """Optional judge reward model (fields of `rlhfkit config-doc reward`), trained after the reward model and used
     only by the evaluation; None: no judge."""
     ppo: PipelinePPOConfig = PipelinePPOConfig()
-    """Step 3: PPO (every field of `rlhfkit config-doc ppo`)."""
+    """Step 3: PPO (every field of `rlhfkit config-doc ppo`); with `methods`, the base of the ppo / rloo / grpo methods."""
+    dpo: PipelineDPOConfig = PipelineDPOConfig()
+    """DPO's settings (every field of `rlhfkit config-doc dpo`), the base of the methods whose algorithm is dpo."""
+    methods: list[PipelineMethod] = []
+    """Several step-3 methods from the same SFT and reward model, each in its own folder, compared by the evaluation
+    on the same held-out prompts under the same judge (e.g. [{algorithm: ppo}, {algorithm: rloo}, {algorithm: grpo},
+    {algorithm: dpo}]); the step 'ppo' of `steps` runs them all, in this order. []: the `ppo` section alone."""
     evaluate: PipelineEvaluateConfig = PipelineEvaluateConfig()
     """Step 4: the evaluation (every field of `rlhfkit config-doc evaluate`)."""
 
@@ -758,6 +849,8 @@ __all__ += [
     "PipelineConfig",
     "PipelineEvaluateConfig",
     "PipelineJudgeConfig",
+    "PipelineDPOConfig",
+    "PipelineMethod",
     "PipelinePPOConfig",
     "PipelineRewardConfig",
     "PipelineSFTConfig",

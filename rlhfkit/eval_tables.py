@@ -4,7 +4,11 @@ the HTML report:
 * `policy_rows`: per policy (and prompt set): mean scores, KL from SFT, length, EOS share;
 * `judge_table`: RLHF vs SFT side by side under the reward model and under the judge (and on the other-source
   prompts): win rate, length-controlled win rate, paired score gain, wins / ties / losses;
-* `best_of_n_table`: best-of-n of SFT beside PPO, each with its KL from SFT, under the judge and the reward model.
+* `best_of_n_table`: best-of-n of SFT beside PPO, each with its KL from SFT, under the judge and the reward model;
+* `methods_table` (an evaluation of several step-3 methods, eval.json's `methods`): one row per method on the same
+  held-out prompts under the same judge: win rate over SFT, paired gain with its standard error, KL, length, held-out
+  pairwise accuracy, and (from the pipeline's log) training time and peak memory. `method_view` gives one method's
+  block in the shape the other tables read.
 
 An estimate less than 2 standard errors from no change (a win rate of 0.5, a gain of 0) is marked "(n.s.)".
 """
@@ -104,7 +108,7 @@ def best_of_n_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     rl = metrics["policies"]["rlhf"]
     lc = metrics.get("length_controlled") or {}
     columns = [{
-        "title": "RLHF (PPO)", "kl": f"{fmt(rl['kl_from_sft'], '.2f')} ± {fmt(rl['kl_from_sft_stderr'], '.2f')}",
+        "title": f"RLHF ({metrics.get('method', 'PPO')})", "kl": f"{fmt(rl['kl_from_sft'], '.2f')} ± {fmt(rl['kl_from_sft_stderr'], '.2f')}",
         "judge": metrics["win_rate"].get("judge"), "lc": lc.get("judge"), "rm": metrics["win_rate"]["reward_model"],
         "length": rl["length"], "eos": rl["eos_share"],
     }]  # fmt: skip
@@ -126,6 +130,66 @@ def best_of_n_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
         row("responses ending with EOS", lambda c: fmt(c["eos"], ".0%")),
     ]
     return ["held-out prompts"] + [c["title"] for c in columns], rows
+
+
+def method_view(metrics: dict, name: str) -> dict:
+    """eval.json as if `name` were its only RLHF policy (what policy_rows, judge_table and best_of_n_table read)."""
+    return {**metrics, **metrics["methods"][name], "method": name}
+
+
+def _accuracy_cell(metrics: dict, block: dict) -> str:
+    own = block.get("policy_accuracy")  # DPO's implicit reward, on the reward model's held-out comparisons
+    if own:
+        return f"{fmt(own.get('accuracy'))} (implicit reward; {own.get('pairs', '?')} pairs)"
+    rm = metrics.get("reward_model_accuracy")
+    return f"{fmt(rm.get('accuracy'))} (reward model; {rm.get('pairs', '?')} pairs)" if rm else "—"
+
+
+def methods_table(metrics: dict, costs: dict[str, dict] | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one column per step-3 method, against the same SFT responses, under the judge (the reward model
+    when there is none); `costs` = {method: {"seconds", "peak_memory_mb"}} (`pipeline.step_costs`)."""
+    methods = metrics.get("methods") or {}
+    role = "judge" if any(m["win_rate"].get("judge") for m in methods.values()) else "reward_model"
+    by = "judge" if role == "judge" else "reward model"
+    costs = costs or {}
+
+    def win(m, key="win_rate", r=role):
+        w = (m.get(key) or {}).get(r)
+        return estimate(w["rate"], w["stderr"], 0.5) if w else "—"
+
+    def gain(m):
+        w = m["win_rate"].get(role)
+        return estimate(w["score_delta"], w["score_delta_stderr"], 0.0, "+.3f") if w else "—"
+
+    def kl(m):
+        p = m["policies"]["rlhf"]
+        return f"{fmt(p['kl_from_sft'], '.2f')} ± {fmt(p['kl_from_sft_stderr'], '.2f')}"
+
+    def seconds(name):
+        value = (costs.get(name) or {}).get("seconds")
+        return "—" if not value else f"{value / 60:.1f} min" if value >= 60 else f"{value:.0f} s"
+
+    def memory(name):
+        value = (costs.get(name) or {}).get("peak_memory_mb")
+        return f"{value / 1024:.1f} GB" if value else "—"
+
+    rows = [
+        [f"{by} win rate over SFT", *(win(m) for m in methods.values())],
+        [f"{by} score gain over SFT (paired)", *(gain(m) for m in methods.values())],
+        [f"{by} win rate, length-controlled", *(win(m, "length_controlled") for m in methods.values())],
+    ]
+    if any(m.get("other_prompts") for m in methods.values()):
+        rows.append([f"{by} win rate, other-source prompts", *(win(m.get("other_prompts") or {}) for m in methods.values())])
+    rows += [
+        ["reward-model win rate over SFT", *(win(m, r="reward_model") for m in methods.values())],
+        ["KL from SFT (nats / response)", *(kl(m) for m in methods.values())],
+        ["response length (tokens, mean)", *(fmt(m["policies"]["rlhf"]["length"], ".1f") for m in methods.values())],
+        ["responses ending with EOS", *(fmt(m["policies"]["rlhf"]["eos_share"], ".0%") for m in methods.values())],
+        ["held-out pairwise accuracy", *(_accuracy_cell(metrics, m) for m in methods.values())],
+        ["training time", *(seconds(name) for name in methods)],
+        ["peak memory of the step (RSS; GPU: allocated)", *(memory(name) for name in methods)],
+    ]
+    return [f"{metrics.get('n_prompts')} held-out prompts", *methods], rows
 
 
 def sampling_line(metrics: dict) -> str:
@@ -165,7 +229,7 @@ def agreement_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def print_eval_table(metrics: dict) -> None:
+def print_eval_table(metrics: dict, costs: dict[str, dict] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -179,10 +243,14 @@ def print_eval_table(metrics: dict) -> None:
             table.add_row(*r)
         console.print(table)
 
-    show(f"SFT vs RLHF on {metrics['n_prompts']} held-out prompts", *policy_rows(metrics))
-    show("RLHF vs SFT under the reward model and under the judge", *judge_table(metrics))
+    if metrics.get("methods"):  # several methods: one row each (report.html has each method's tables)
+        show(f"Step-3 methods against the same SFT responses on {metrics['n_prompts']} held-out prompts", *methods_table(metrics, costs))
+    else:
+        show(f"SFT vs RLHF on {metrics['n_prompts']} held-out prompts", *policy_rows(metrics))
+        show("RLHF vs SFT under the reward model and under the judge", *judge_table(metrics))
     if metrics.get("best_of_n") or metrics["win_rate"].get("judge"):
-        show("Best-of-n of SFT beside PPO", *best_of_n_table(metrics))
+        first = next(iter(metrics.get("methods") or {}), None)
+        show(f"Best-of-n of SFT beside {first or 'PPO'}", *best_of_n_table(method_view(metrics, first) if first else metrics))
     for line in [sampling_line(metrics), SIGNIFICANCE_NOTE, *agreement_lines(metrics)]:
         console.print(line)
     for name, key in (("reward model", "reward_model_accuracy"), ("judge", "judge_accuracy")):
@@ -191,4 +259,5 @@ def print_eval_table(metrics: dict) -> None:
             console.print(line)
 
 
-__all__ = ["accuracy_line", "agreement_lines", "best_of_n_table", "eval_rows", "judge_table", "policy_rows", "print_eval_table", "sampling_line"]
+__all__ = ["accuracy_line", "agreement_lines", "best_of_n_table", "eval_rows", "judge_table", "method_view", "methods_table", "policy_rows",
+           "print_eval_table", "sampling_line"]

@@ -61,7 +61,7 @@ from .tokens import encode_prompt, pad
 
 log = logging.getLogger("rlhfkit.evaluate")
 
-POLICIES = ("sft", "rlhf")
+POLICIES = ("sft", "rlhf")  # with `methods`: "sft" and the method names
 SAMPLE_FILES = {"heldout": "eval_samples.jsonl", "other": "eval_samples_other.jsonl"}
 
 
@@ -175,19 +175,22 @@ class PromptSet:
     candidate_scores: dict[str, list[list[float]]] = field(default_factory=dict)  # role -> per prompt, per candidate
 
 
-def _sample_policies(ps: PromptSet, sft, rlhf, tok, cfg: EvaluateConfig, temperature: float, progress: bool) -> None:
-    """Both policies answer every prompt of the set (same settings, same seed), and each response's KL from SFT:
-    log pi(y) - log pi_SFT(y), summed over response tokens."""
+def _sample_policy(ps: PromptSet, name: str, model, sft, tok, cfg: EvaluateConfig, temperature: float, progress: bool) -> None:
+    """One policy answers every prompt of the set (every policy with the same settings and seed), and each response's
+    KL from SFT: log pi(y) - log pi_SFT(y), summed over response tokens."""
     gen = cfg.generation
-    for name, model in (("sft", sft), ("rlhf", rlhf)):
-        ps.samples[name] = [g[0] for g in generate_responses(model, tok, ps.prompts, gen, 1, progress)]
+    ps.samples[name] = [g[0] for g in generate_responses(model, tok, ps.prompts, gen, 1, progress)]
     ps.prompt_ids = [encode_prompt(tok, m, gen.max_prompt_length, gen.system_prompt) for m in ps.prompts]
     support = sampling_support(sft.get_output_embeddings().weight.shape[0], len(tok), tok.pad_token_id)  # the sampler's
-    for name, model in (("sft", sft), ("rlhf", rlhf)):
-        responses = [s.token_ids or [tok.eos_token_id] for s in ps.samples[name]]
-        own = response_logprobs(model, ps.prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
-        ref = own if model is sft else response_logprobs(sft, ps.prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
-        ps.kl[name] = [a - b for a, b in zip(own, ref)]
+    responses = [s.token_ids or [tok.eos_token_id] for s in ps.samples[name]]
+    own = response_logprobs(model, ps.prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
+    ref = own if model is sft else response_logprobs(sft, ps.prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
+    ps.kl[name] = [a - b for a, b in zip(own, ref)]
+
+
+def compared_policies(cfg: EvaluateConfig) -> dict[str, str]:
+    """name -> model of the policies compared with SFT: the methods, or rlhf_model as 'rlhf'."""
+    return dict(cfg.methods) if cfg.methods else {"rlhf": cfg.rlhf_model}
 
 
 def _sample_candidates(ps: PromptSet, sft, tok, cfg: EvaluateConfig, progress: bool) -> None:
@@ -205,7 +208,7 @@ def _score_set(ps: PromptSet, role: str, rm, rm_tok, stats: dict, tok, cfg: Eval
     same_vocab = shares_tokens(rm, rm_tok, tok)
     conversations = [_with_system(m, cfg.generation.system_prompt) for m in ps.prompts]
     ps.scores[role] = {}
-    for name in POLICIES:
+    for name in ps.samples:
         rows = reward_rows(rm, rm_tok, ps.samples[name], ps.prompt_ids, conversations, same_vocab)
         ps.scores[role][name] = normalise_scores(score_rows(rm, rows, rm_tok.pad_token_id, cfg.batch_size), stats)
     if ps.candidates:
@@ -218,28 +221,29 @@ def _score_set(ps: PromptSet, role: str, rm, rm_tok, stats: dict, tok, cfg: Eval
         ps.candidate_scores[role] = [scores[i : i + k] for i in range(0, len(scores), k)]
 
 
-def set_metrics(ps: PromptSet) -> dict:
-    """RLHF vs SFT on one prompt set, under the reward model and (if scored) the judge."""
-    lengths = {name: [len(s.token_ids) for s in ps.samples[name]] for name in POLICIES}
+def set_metrics(ps: PromptSet, policy: str = "rlhf") -> dict:
+    """`policy` (as "rlhf") vs SFT on one prompt set, under the reward model and (if scored) the judge."""
     roles = [r for r in ("reward_model", "judge") if r in ps.scores]
     judge = ps.scores.get("judge")
+    scores = {r: {"sft": ps.scores[r]["sft"], "rlhf": ps.scores[r][policy]} for r in roles}
+    lengths = {"sft": [len(s.token_ids) for s in ps.samples["sft"]], "rlhf": [len(s.token_ids) for s in ps.samples[policy]]}
     out = {
         "prompts": ps.spec,
         "n_prompts": len(ps.prompts),
         "policies": {
-            name: _summary(ps.samples[name], ps.scores["reward_model"][name], judge[name] if judge else None, ps.kl[name])
-            for name in POLICIES
+            key: _summary(ps.samples[name], ps.scores["reward_model"][name], judge[name] if judge else None, ps.kl[name])
+            for key, name in (("sft", "sft"), ("rlhf", policy))
         },
         "win_rate": {r: None for r in ("reward_model", "judge")},
         "length_controlled": {r: None for r in ("reward_model", "judge")},
         "agreement": None,
     }
     for r in roles:
-        rl, sf = ps.scores[r]["rlhf"], ps.scores[r]["sft"]
+        rl, sf = scores[r]["rlhf"], scores[r]["sft"]
         out["win_rate"][r] = win_rate(rl, sf)
         out["length_controlled"][r] = length_controlled_win_rate(rl, sf, lengths["rlhf"], lengths["sft"])
     if judge:
-        diffs = {r: [a - b for a, b in zip(ps.scores[r]["rlhf"], ps.scores[r]["sft"])] for r in roles}
+        diffs = {r: [a - b for a, b in zip(scores[r]["rlhf"], scores[r]["sft"])] for r in roles}
         out["agreement"] = agreement(diffs["reward_model"], diffs["judge"])
     return out
 
@@ -295,20 +299,26 @@ def evaluate_policies(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict,
     sets = {"heldout": PromptSet(cfg.prompts, _load_prompt_set(cfg.prompts, cfg.max_prompts))}
     if cfg.other_prompts is not None:
         sets["other"] = PromptSet(cfg.other_prompts, _load_prompt_set(cfg.other_prompts, cfg.max_prompts))
-    log.info("evaluating %s (SFT) and %s (RLHF) on %s", cfg.sft_model, cfg.rlhf_model,
+    policies = compared_policies(cfg)
+    log.info("evaluating %s (SFT) and %s on %s", cfg.sft_model, ", ".join(f"{path} ({name})" for name, path in policies.items()),
              " and ".join(f"{len(ps.prompts)} prompts ({ps.spec})" for ps in sets.values()))  # fmt: skip
 
-    # 1. Both policies answer every prompt (same settings, same seed); KL from SFT; best-of-n candidates from SFT.
+    # 1. Every policy answers every prompt (same settings, same seed); KL from SFT; best-of-n candidates from SFT.
     dtype_name = cfg.precision
     sft, tok = load_for_inference(cfg.sft_model, dtype_name)
-    rlhf, rlhf_tok = load_for_inference(cfg.rlhf_model, dtype_name)
-    if rlhf_tok.get_vocab() != tok.get_vocab():
-        raise ValueError(f"{cfg.rlhf_model} and {cfg.sft_model} have different vocabularies: the KL between them is undefined")
     for ps in sets.values():
-        _sample_policies(ps, sft, rlhf, tok, cfg, temperature, progress)
+        _sample_policy(ps, "sft", sft, sft, tok, cfg, temperature, progress)
     if cfg.best_of_n:
         _sample_candidates(sets["heldout"], sft, tok, cfg, progress)
-    del sft, rlhf
+    for name, path in policies.items():  # one at a time in memory, beside SFT
+        rlhf, rlhf_tok = load_for_inference(path, dtype_name)
+        if rlhf_tok.get_vocab() != tok.get_vocab():
+            raise ValueError(f"{path} and {cfg.sft_model} have different vocabularies: the KL between them is undefined")
+        for ps in sets.values():
+            _sample_policy(ps, name, rlhf, sft, tok, cfg, temperature, progress)
+        del rlhf
+        _free()
+    del sft
     _free()
 
     # 2. Scores under the reward model (and the judge), normalised with each model's own statistics.
@@ -333,21 +343,29 @@ def evaluate_policies(cfg: EvaluateConfig, progress: bool = True) -> tuple[dict,
 
     heldout = sets["heldout"]
     best_of_n = best_of_n_metrics(heldout, cfg.best_of_n)
+    first = next(iter(policies))
     metrics = {
         "sft_model": model_path_of(cfg.sft_model),
-        "rlhf_model": model_path_of(cfg.rlhf_model),
+        "rlhf_model": model_path_of(policies[first]),
         "reward_model": str(reward_model_path(cfg.reward_model)),
         "judge_reward_model": str(reward_model_path(cfg.judge_reward_model)) if cfg.judge_reward_model else None,
-        **set_metrics(heldout),
+        **set_metrics(heldout, first),
         "generation": gen.model_dump(),
         "kl_temperature": temperature,
         "best_of_n": best_of_n,
         "candidate_agreement": candidate_agreement(heldout),
-        "other_prompts": set_metrics(sets["other"]) if "other" in sets else None,
+        "other_prompts": set_metrics(sets["other"], first) if "other" in sets else None,
         "reward_model_accuracy": accuracy["reward_model"],
         "judge_accuracy": accuracy["judge"],
         "seconds": time.time() - t0,
     }
+    if cfg.methods:  # the same block for each method, and the method's own held-out pairwise accuracy if it has one (DPO)
+        metrics["methods"] = {
+            name: {"model": model_path_of(path), **set_metrics(heldout, name),
+                   "other_prompts": set_metrics(sets["other"], name) if "other" in sets else None,
+                   "policy_accuracy": policy_accuracy(path)}
+            for name, path in policies.items()
+        }  # fmt: skip
     records = {name: _records(ps, best_of_n if name == "heldout" else []) for name, ps in sets.items()}
     for row in best_of_n:
         row.pop("chosen")  # per prompt: in the records
@@ -361,7 +379,7 @@ def _records(ps: PromptSet, best_of_n: list[dict]) -> list[dict]:
     records = []
     for i, messages in enumerate(ps.prompts):
         record = {"index": i, "prompt": messages[-1]["content"], "messages": messages}
-        for name in POLICIES:
+        for name in ps.samples:
             s = ps.samples[name][i]
             record[name] = {
                 "response": s.text,
@@ -383,6 +401,18 @@ def _records(ps: PromptSet, best_of_n: list[dict]) -> list[dict]:
             }  # fmt: skip
         records.append(record)
     return records
+
+
+def policy_accuracy(path: str) -> dict | None:
+    """The held-out pairwise accuracy a policy's run measured itself (DPO's implicit reward, `heldout_accuracy.json`
+    in its run folder), or None."""
+    from .rl.dpo import ACCURACY_FILE
+
+    folder = Path(path)
+    for candidate in (folder / ACCURACY_FILE, folder.parent / ACCURACY_FILE):
+        if candidate.exists():
+            return json.loads(candidate.read_text())
+    return None
 
 
 def _json_safe(obj):

@@ -45,8 +45,11 @@ from typing import Any, Callable
 
 import yaml
 
+from pydantic import ValidationError
+
 from .config import (
     ConfigError,
+    DPOConfig,
     EvaluateConfig,
     GenerationSettings,
     PipelineConfig,
@@ -55,6 +58,7 @@ from .config import (
     SFTConfig,
     save_config,
 )
+from .pipeline_data import check_data_files, missing_data_files, prepare_data, shared_prompts
 from .training import RunDir
 
 log = logging.getLogger("rlhfkit.pipeline")
@@ -98,17 +102,24 @@ class Plan:
     judge_comparisons: Split | None = None  # reward.data -> the reward model's part (train_file) + the judge's
     judge_data_check: tuple[Any, Any] | None = None  # (reward.data, judge.data) that must share no prompt
     steps: list[str] = field(default_factory=list)  # the steps to run, in order
+    methods: dict[str, str] = field(default_factory=dict)  # step-3 step name -> its algorithm (ppo, rloo, grpo, dpo)
 
 
 def plan_pipeline(cfg: PipelineConfig) -> Plan:
     """Resolve keywords and folders into plain step configs (nothing is read or written)."""
     run = Path(cfg.output_dir)
     sections = {name: getattr(cfg, name) for name in ("sft", "reward", "judge", "ppo", "evaluate")}
-    sections = {k: v for k, v in sections.items() if v is not None}
+    sections = {k: v for k, v in sections.items() if v is not None and not (k == "ppo" and cfg.methods)}
     dirs = {name: run / section.output_dir for name, section in sections.items()}
+    methods = {m.label: m for m in cfg.methods}
+    reserved = [s for s in (*ORDER, "data") if s != "ppo"]
+    if len(methods) != len(cfg.methods) or set(methods) & set(reserved):
+        raise ConfigError(f"pipeline: field 'methods': the names {[m.label for m in cfg.methods]} must be distinct and none of "
+                          f"{', '.join(reserved)} (a method's name is its folder and its step)")  # fmt: skip
+    dirs.update({label: run / label for label in methods})
     if len(set(dirs.values())) != len(dirs):
         raise ConfigError(f"pipeline: two steps share a folder: {', '.join(f'{k}={v}' for k, v in dirs.items())}")
-    deps: dict[str, list[str]] = {name: [] for name in sections}
+    deps: dict[str, list[str]] = {name: [] for name in dirs}
 
     def ref(step: str, field_name: str, value: str | None, allowed: tuple[str, ...]) -> str | None:
         if value is None:
@@ -160,14 +171,17 @@ def plan_pipeline(cfg: PipelineConfig) -> Plan:
             ppo_prompts, eval_prompts = str(train_file), str(eval_file)
         else:
             eval_prompts = cfg.ppo.prompts
-    configs["ppo"] = plain(
-        PPOConfig,
-        cfg.ppo,
-        output_dir=str(dirs["ppo"]),
-        policy_model=ref("ppo", "policy_model", cfg.ppo.policy_model, ("sft",)),
-        reward_model=ref("ppo", "reward_model", cfg.ppo.reward_model, ("reward", "judge")),
-        prompts=ppo_prompts,
-    )
+    if not methods:
+        configs["ppo"] = plain(
+            PPOConfig,
+            cfg.ppo,
+            output_dir=str(dirs["ppo"]),
+            policy_model=ref("ppo", "policy_model", cfg.ppo.policy_model, ("sft",)),
+            reward_model=ref("ppo", "reward_model", cfg.ppo.reward_model, ("reward", "judge")),
+            prompts=ppo_prompts,
+        )
+    for label, method in methods.items():
+        configs[label] = _method_config(cfg, method, str(dirs[label]), ref, ppo_prompts, reward_data)
 
     ev = cfg.evaluate
     heldout_comparisons = None
@@ -185,139 +199,75 @@ def plan_pipeline(cfg: PipelineConfig) -> Plan:
     generation = ev.generation
     if generation is None:
         generation = GenerationSettings.model_validate(cfg.ppo.generation.model_dump())
+    compared = {}  # with methods: every method, by name, the first as rlhf_model
+    if methods:
+        compared = {label: str(dirs[label]) for label in methods}
+        deps["evaluate"] += list(methods)
     configs["evaluate"] = plain(
         EvaluateConfig,
         ev,
         output_dir=str(dirs["evaluate"]),
         sft_model=ref("evaluate", "sft_model", ev.sft_model, ("sft",)),
-        rlhf_model=ref("evaluate", "rlhf_model", ev.rlhf_model, ("sft", "ppo")),
+        rlhf_model=next(iter(compared.values())) if compared else ref("evaluate", "rlhf_model", ev.rlhf_model, ("sft", "ppo")),
+        methods=compared or ev.methods,
         reward_model=ref("evaluate", "reward_model", ev.reward_model, ("reward", "judge")),
         judge_reward_model=ref("evaluate", "judge_reward_model", judge, ("reward", "judge")),
         prompts=eval_prompts,
         comparisons=comparisons,
         generation=generation.model_dump(),
     )
-    steps = [s for s in ORDER if s in cfg.steps and (s == "report" or s in configs)]
-    return Plan(run, configs, dirs, deps, heldout_prompts, heldout_comparisons, judge_split, judge_check, steps)
+    step3 = {label: m.algorithm for label, m in methods.items()} or {"ppo": "ppo"}
+    steps = []
+    for s in ORDER:
+        if s == "ppo":  # the step-3 methods: all of them, or those named in steps
+            steps += [label for label in step3 if "ppo" in cfg.steps or label in cfg.steps]
+        elif s in cfg.steps and (s == "report" or s in configs):
+            steps.append(s)
+    return Plan(run, configs, dirs, deps, heldout_prompts, heldout_comparisons, judge_split, judge_check, steps, step3)
 
 
-# ----------------------------------------------------------------------------- held-out data
+def _nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    """{"generation.batch_size": 8} -> {"generation": {"batch_size": 8}}."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
-def _write_if_changed(path: Path, records: list) -> bool:
-    """Write JSONL records unless the file already holds exactly them (keeps its mtime on re-runs)."""
-    from .data import comparison_to_json, prompt_to_json
+def _method_config(cfg: PipelineConfig, method, output_dir: str, ref, ppo_prompts, reward_data):
+    """One step-3 method's plain config: its section (`ppo` or `dpo`), its overrides, the pipeline's wiring."""
+    from .config import _merge
 
-    lines = []
-    for r in records:
-        obj = prompt_to_json(r) if isinstance(r, list) else comparison_to_json(r)
-        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
-    text = "".join(lines)
-    if path.exists() and path.read_text() == text:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return True
-
-
-def shared_prompts(first: list, second: list) -> set[str]:
-    """Prompts (opening user turns, the key of `split_by_prompt`) that two lists of records both have."""
-    from .data import prompt_key  # the one definition of "the same prompt" (split_by_prompt keys on it)
-
-    return {prompt_key(r) for r in first} & {prompt_key(r) for r in second}
-
-
-def prepare_data(plan: Plan) -> None:
-    """Write the splits the plan needs (deterministic; unchanged files are not rewritten); check that a given
-    judge.data shares no prompt with reward.data."""
-    from .data import load_comparisons, load_prompts, split_by_prompt
-
-    sj = plan.judge_comparisons
-    if sj is not None:
-        reward_part, judge_part = split_by_prompt(load_comparisons(sj.spec, score_range=sj.score_range), sj.fraction, seed=sj.seed)
-        if not reward_part or not judge_part:
-            raise ValueError(f"{sj.spec}: giving {sj.fraction:.0%} of the prompts to the judge leaves {len(reward_part)} comparisons "
-                             f"for the reward model and {len(judge_part)} for the judge")  # fmt: skip
-        _write_if_changed(sj.train_file, reward_part)
-        _write_if_changed(sj.heldout_file, judge_part)
-        log.info("comparisons split by prompt: %d for the reward model (%s), %d for the judge (%s)",
-                 len(reward_part), sj.train_file, len(judge_part), sj.heldout_file)  # fmt: skip
-    if plan.judge_data_check is not None:
-        reward_spec, judge_spec = plan.judge_data_check
-        shared = shared_prompts(load_comparisons(reward_spec, score_range=None), load_comparisons(judge_spec, score_range=None))
-        if shared:
-            example = next(iter(sorted(shared)))[:80]
-            raise ConfigError(
-                f"pipeline: field 'judge.data': {len(shared)} prompt(s) of the judge's comparisons are also in reward.data "
-                f"(e.g. {example!r}): a judge that saw the reward model's prompts is not independent. Leave judge.data "
-                "unset to split reward.data by prompt (judge_prompt_fraction), or give comparisons of other prompts."
-            )
-    ev = plan.configs.get("evaluate")
-    sp = plan.heldout_prompts
-    if sp is not None:
-        train, held = split_by_prompt(load_prompts(sp.spec), sp.fraction, seed=sp.seed)
-        if not train or not held:
-            raise ValueError(f"{sp.spec}: holding out {sp.fraction:.0%} of the prompts leaves {len(train)} for PPO and {len(held)} for evaluation")
-        _write_if_changed(sp.train_file, train)
-        _write_if_changed(sp.heldout_file, held)
-        log.info("prompts: %d for PPO (%s), %d held out for evaluation (%s)", len(train), sp.train_file, len(held), sp.heldout_file)
-    sc = plan.heldout_comparisons
-    if sc is not None:
-        _, held = split_by_prompt(load_comparisons(sc.spec, score_range=sc.score_range), sc.fraction, seed=sc.seed)
-        _write_if_changed(sc.heldout_file, held)
-        log.info("the reward model's held-out comparisons: %d (%s)", len(held), sc.heldout_file)
-    if ev is not None and ev.other_prompts is not None and "ppo" in plan.configs:
-        shared = shared_prompts(load_prompts(ev.other_prompts), load_prompts(plan.configs["ppo"].prompts))
-        if shared:
-            log.warning("evaluate.other_prompts: %d of its prompts are also PPO training prompts: that column is then "
-                        "partly in distribution", len(shared))  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- data files
-
-DATA_FIELDS = {
-    "sft": ("data", "eval_data"),
-    "reward": ("data", "eval_data", "reference_data"),
-    "judge": ("data", "eval_data", "reference_data"),
-    "ppo": ("prompts", "ptx_data"),
-    "evaluate": ("prompts", "other_prompts", "comparisons"),
-}
-HOW_TO_GET_DATA = (
-    "rlhfkit's example data is bundled in examples/data/ (examples/data/README.md says what each file is, where it comes "
-    "from and how it was made): run from the project root, or point the field at your copy (e.g. `--reward.data PATH`)."
-)
-
-
-def missing_data_files(cfg: PipelineConfig, plan: Plan) -> list[str]:
-    """'field: path' for every data file that the steps to run (and the splits the pipeline makes) read but that
-    does not exist."""
-    from .data import parse_spec
-
-    wanted = {(section, name) for section in plan.steps if section in DATA_FIELDS for name in DATA_FIELDS[section]}
-    if plan.heldout_prompts is not None:
-        wanted.add(("ppo", "prompts"))
-    if plan.judge_comparisons is not None or plan.heldout_comparisons is not None:
-        wanted.add(("reward", "data"))
-    if plan.judge_data_check is not None:
-        wanted |= {("reward", "data"), ("judge", "data")}
-    missing = []
-    for section, name in sorted(wanted, key=lambda w: (ORDER.index(w[0]) if w[0] in ORDER else 9, w[1])):
-        value = getattr(getattr(cfg, section, None), name, None)
-        for spec in value if isinstance(value, list) else [value] if value else []:
-            path = Path(parse_spec(spec)[1])
-            if not path.exists():
-                missing.append(f"field '{section}.{name}': {path}")
-    return missing
-
-
-def check_data_files(cfg: PipelineConfig, plan: Plan) -> None:
-    missing = missing_data_files(cfg, plan)
-    if missing:
-        raise FileNotFoundError(
-            f"pipeline: data file(s) not found (paths are relative to {Path.cwd()}):\n  " + "\n  ".join(missing) + "\n" + HOW_TO_GET_DATA
-        )
+    label = method.label
+    if method.algorithm == "dpo":
+        cls, data = DPOConfig, cfg.dpo.model_dump()
+        if data["data"] is None:  # the reward model's comparisons and held-out split (see PipelineDPOConfig.data)
+            r = cfg.reward
+            data.update(data=reward_data, eval_data=r.eval_data, eval_fraction=r.eval_fraction, seed=r.seed, score_range=r.score_range)
+            if cfg.evaluate.max_comparisons and "max_eval_comparisons" not in cfg.dpo.model_fields_set:
+                data["max_eval_comparisons"] = cfg.evaluate.max_comparisons  # the comparisons the reward model is measured on
+    else:
+        cls, data = PPOConfig, cfg.ppo.model_dump()
+        if data["prompts"] == cfg.ppo.prompts:
+            data["prompts"] = ppo_prompts  # without the evaluation's held-out prompts
+        if method.algorithm != "ppo":
+            data["algorithm"] = method.algorithm
+    data = _merge(data, _nested(method.overrides))
+    data["output_dir"] = output_dir
+    if method.algorithm == "dpo":
+        data["model"] = ref(label, "model", data["model"], ("sft",))
+    else:
+        data["policy_model"] = ref(label, "policy_model", data["policy_model"], ("sft",))
+        data["reward_model"] = ref(label, "reward_model", data["reward_model"], ("reward", "judge"))
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        errors = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"pipeline: field 'methods': method '{label}' ({method.algorithm}): {errors}") from None
 
 
 # ----------------------------------------------------------------------------- running
@@ -391,7 +341,15 @@ def _check_inputs(plan: Plan, name: str) -> None:
             )
 
 
-def _runner(name: str) -> Callable[[Any], Any]:
+def _runner(plan: Plan, name: str) -> Callable[[Any], Any]:
+    if plan.methods.get(name) == "dpo":
+        from .rl.dpo import run_dpo
+
+        return run_dpo
+    if name in plan.methods:
+        from .rl import run_ppo  # PPO, RLOO or GRPO, as the method's `algorithm` says
+
+        return run_ppo
     if name == "sft":
         from .sft import run_sft
 
@@ -400,15 +358,60 @@ def _runner(name: str) -> Callable[[Any], Any]:
         from .reward import run_reward
 
         return run_reward
-    if name == "ppo":
-        from .rl import run_ppo
-
-        return run_ppo
     if name == "evaluate":
         from .evaluate import run_evaluate
 
         return lambda cfg: run_evaluate(cfg, print_table=False)  # `rlhfkit pipeline` prints it at the very end
     raise ValueError(name)
+
+
+def reset_peak_memory() -> None:
+    """Start measuring a step's own peak memory: the GPU's peak counter, or the process's peak resident set (Linux
+    resets it through /proc/self/clear_refs); otherwise the peak is the process's since it started (earlier steps
+    included)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_since_reset() -> float:
+    """MB: the GPU memory allocated at most, or the peak resident set (VmHWM) since `reset_peak_memory`."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        from .training import peak_memory_mb
+
+        return peak_memory_mb()
+
+
+def step_costs(run: Path) -> dict[str, dict[str, float]]:
+    """Per step of a pipeline run folder: the seconds it ran (summed over re-runs) and its peak memory in MB (the
+    highest of its runs), from pipeline_log.jsonl."""
+    out: dict[str, dict[str, float]] = {}
+    path = Path(run) / "pipeline_log.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("event") != "done" or not isinstance(r.get("seconds"), (int, float)):
+            continue
+        cost = out.setdefault(r["step"], {"seconds": 0.0, "peak_memory_mb": None})
+        cost["seconds"] += r["seconds"]
+        if isinstance(r.get("peak_memory_mb"), (int, float)):
+            cost["peak_memory_mb"] = max(cost["peak_memory_mb"] or 0.0, r["peak_memory_mb"])
+    return out
 
 
 class _StepLog:
@@ -435,7 +438,7 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None) -> Plan:
     """Run (or continue) the pipeline; returns the plan. `steps` overrides cfg.steps."""
     given = cfg
     if steps is not None:
-        unknown = [s for s in steps if s not in ORDER]
+        unknown = [s for s in steps if s not in ORDER and s not in {m.label for m in cfg.methods}]
         if unknown:
             raise ConfigError(f"pipeline: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(ORDER)}")
         cfg = cfg.model_copy(update={"steps": steps})
@@ -448,7 +451,8 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None) -> Plan:
     todo = [s for s in plan.steps if s != "report"]
     log.info("pipeline %s: steps %s", plan.run, " -> ".join(plan.steps))
     for i, name in enumerate(todo, 1):
-        header = f"step {i}/{len(todo)}: {TITLES[name]} ({plan.dirs[name]})"
+        title = f"{name} ({plan.methods[name]})" if name in plan.methods and name != plan.methods[name] else TITLES.get(name, name)
+        header = f"step {i}/{len(todo)}: {title} ({plan.dirs[name]})"
         done = _step_done(plan, name)
         changed = _changed_fields(plan, name)
         stale = _stale_deps(plan, name) if done else []
@@ -468,13 +472,14 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None) -> Plan:
             journal.write(step=name, event="skipped")
             continue
         _check_inputs(plan, name)
-        resuming = name in TRAINING_STEPS and RunDir(plan.dirs[name]).latest_checkpoint() is not None
+        resuming = (name in TRAINING_STEPS or name in plan.methods) and RunDir(plan.dirs[name]).latest_checkpoint() is not None
         log.info("%s: %s", header, "resuming from its last checkpoint" if resuming else "starting")
         journal.write(step=name, event="start", resume=resuming)
         t0 = time.time()
-        _runner(name)(plan.configs[name])
+        reset_peak_memory()
+        _runner(plan, name)(plan.configs[name])
         seconds = time.time() - t0
-        journal.write(step=name, event="done", seconds=seconds)
+        journal.write(step=name, event="done", seconds=seconds, peak_memory_mb=peak_memory_since_reset())
         log.info("%s: finished in %.0f s", header, seconds)
     if "report" in plan.steps:
         from .report import render_report
@@ -484,4 +489,5 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None) -> Plan:
     return plan
 
 
-__all__ = ["ORDER", "Plan", "check_data_files", "missing_data_files", "plan_pipeline", "prepare_data", "run_pipeline", "shared_prompts"]
+__all__ = ["ORDER", "Plan", "check_data_files", "missing_data_files", "plan_pipeline", "prepare_data", "run_pipeline", "shared_prompts",
+           "step_costs"]

@@ -89,9 +89,9 @@ def _step_dirs(run: Path) -> tuple[dict[str, Path], Path | None]:
     eval_dir = run / "eval"
     if resolved.exists():
         configs = yaml.safe_load(resolved.read_text()) or {}
-        for name in names:
-            if name in configs and configs[name].get("output_dir"):
-                names[name] = Path(configs[name]["output_dir"])
+        for name, c in configs.items():  # the steps of the run, step-3 methods included (`methods:`)
+            if name != "evaluate" and isinstance(c, dict) and c.get("output_dir"):
+                names[name] = Path(c["output_dir"])
         if configs.get("evaluate", {}).get("output_dir"):
             eval_dir = Path(configs["evaluate"]["output_dir"])
     steps = {name: d for name, d in names.items() if (d / "metrics.jsonl").exists() or (d / "final").exists()}
@@ -107,6 +107,8 @@ def _kind_of(run: Path) -> str:
     cfg = cfg or {}
     if "policy_model" in cfg:
         return "ppo"
+    if "label_smoothing" in cfg:
+        return "dpo"
     if "margin_scale" in cfg:
         return "reward"
     if cfg:
@@ -257,7 +259,7 @@ def _img(b64: str, alt: str, caption: str) -> str:
     return f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{b64}"><figcaption>{_e(caption)}</figcaption></figure>'
 
 
-def _step_status(name: str, folder: Path, metrics: list[dict], timings: dict[str, float]) -> list[str]:
+def _step_status(name: str, folder: Path, metrics: list[dict], costs: dict[str, dict]) -> list[str]:
     run = RunDir(folder)
     train_steps = [m["step"] for m in metrics if m.get("phase", "train") == "train"]
     last = max(train_steps, default=0)
@@ -270,16 +272,8 @@ def _step_status(name: str, folder: Path, metrics: list[dict], timings: dict[str
             total = None
     status = "done" if run.is_done() else "not finished"
     progress = f"{last}" + (f" / {total}" if total else "")
-    seconds = timings.get(name)
+    seconds = (costs.get(name) or {}).get("seconds")
     return [STEP_TITLES.get(name, name), status, progress, f"{seconds / 60:.1f} min" if seconds else "—", str(folder)]
-
-
-def _timings(run: Path) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for r in _read_jsonl(run / "pipeline_log.jsonl"):
-        if r.get("event") == "done" and isinstance(r.get("seconds"), (int, float)):
-            out[r["step"]] = out.get(r["step"], 0.0) + r["seconds"]
-    return out
 
 
 def _tone(x, neutral: float = 0.0, error=None) -> str:
@@ -363,18 +357,15 @@ def _conversation(messages: list[dict], prompt: str) -> str:
     return out + f'<div class="prompt">{_e(prompt)}</div>'
 
 
-def _samples(records: list[dict], n: int, judge: bool) -> str:
+def _samples(records: list[dict], n: int, judge: bool, methods: list[str]) -> str:
     parts = []
     for r in records[:n]:
-        sft, rl = r.get("sft", {}), r.get("rlhf", {})
+        sft = r.get("sft", {})
+        boxes = [_response_box(name.upper() if name == "rlhf" else name, r.get(name, {}), sft, judge) for name in methods or ["rlhf"]]
         parts.append(
-            '<div class="sample">'
-            + _conversation(r.get("messages") or [], r.get("prompt", ""))
-            + '<div class="pair">'
-            + _response_box("SFT", sft, rl, judge)
-            + _response_box("RLHF", rl, sft, judge)
-            + "</div></div>"
-        )
+            '<div class="sample">' + _conversation(r.get("messages") or [], r.get("prompt", ""))
+            + '<div class="pair">' + _response_box("SFT", sft, r.get((methods or ["rlhf"])[0], {}), judge) + "".join(boxes) + "</div></div>"
+        )  # fmt: skip
     return "".join(parts)
 
 
@@ -405,6 +396,8 @@ def build_report(run_dir: str | Path, max_samples: int = 8) -> str:
         agreement_lines,
         best_of_n_table,
         judge_table,
+        method_view,
+        methods_table,
         policy_rows,
         sampling_line,
     )
@@ -413,28 +406,39 @@ def build_report(run_dir: str | Path, max_samples: int = 8) -> str:
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
     steps, eval_dir = _step_dirs(run)
-    timings = _timings(run)
+    from .pipeline import step_costs
+
+    costs = step_costs(run)
     metrics = {name: read_metrics(d / "metrics.jsonl") for name, d in steps.items()}
     body: list[str] = []
 
     ev = json.loads((eval_dir / "eval.json").read_text()) if eval_dir else None
-    if ev:
+    methods = list((ev or {}).get("methods") or {})
+    if ev and not methods:
         body.append(_cards(ev))
     if steps:
-        rows = [_step_status(name, d, metrics[name], timings) for name, d in steps.items()]
+        rows = [_step_status(name, d, metrics[name], costs) for name, d in steps.items()]
         if ev:
-            seconds = timings.get("evaluate")
+            seconds = (costs.get("evaluate") or {}).get("seconds")
             rows.append(["Evaluation", "done", f"{ev.get('n_prompts')} prompts", f"{seconds / 60:.1f} min" if seconds else "—", str(eval_dir)])
         body.append("<h2>Steps</h2>" + _table(["step", "status", "steps logged", "time", "folder"], rows))
 
-    if ev:
-        body.append(f"<h2>Evaluation: SFT vs RLHF on {_e(ev.get('n_prompts'))} held-out prompts</h2>")
-        body.append(_table(*policy_rows(ev), "eval"))
-        body.append("<h3>RLHF vs SFT under the reward model and under the judge</h3>")
-        body.append(_table(*judge_table(ev), "judge"))
+    if ev and methods:
+        body.append(f"<h2>Step-3 methods against the same SFT responses on {_e(ev.get('n_prompts'))} held-out prompts</h2>")
+        body.append(_table(*methods_table(ev, costs), "methods"))
+    for name in methods or ([None] if ev else []):  # each method's own tables (folded when there are several)
+        view = method_view(ev, name) if name else ev
+        label = name or "RLHF"
+        body.append(f"<details><summary><b>{_e(name)}</b>: its tables</summary>" if name else "")
+        body.append(f"<h2>Evaluation: SFT vs {_e(label)} on {_e(ev.get('n_prompts'))} held-out prompts</h2>")
+        body.append(_table(*policy_rows(view), "eval"))
+        body.append(f"<h3>{_e(label)} vs SFT under the reward model and under the judge</h3>")
+        body.append(_table(*judge_table(view), "judge"))
         if ev.get("best_of_n") or ev["win_rate"].get("judge"):
-            body.append("<h3>Best-of-n of SFT beside PPO</h3>")
-            body.append(_table(*best_of_n_table(ev), "best-of-n"))
+            body.append(f"<h3>Best-of-n of SFT beside {_e(name or 'PPO')}</h3>")
+            body.append(_table(*best_of_n_table(view), "best-of-n"))
+        body.append("</details>" if name else "")
+    if ev:
         notes = [sampling_line(ev), SIGNIFICANCE_NOTE, *agreement_lines(ev),
                  "KL = mean over RLHF's responses of the summed per-token log-ratio log π_RLHF − log π_SFT; "
                  "best-of-n's is log n − (n−1)/n. The length-controlled win rate is a logistic regression of the "
@@ -451,24 +455,29 @@ def build_report(run_dir: str | Path, max_samples: int = 8) -> str:
         for name, folder in steps.items():
             m = metrics[name]
             config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
-            if name == "sft":
+            kind = name if name in STEP_TITLES else _kind_of(folder)
+            if kind == "sft":
                 img = plot_sft(m)
                 caption = "SFT: cross-entropy on response tokens per optimiser step (train) and on held-out demonstrations."
-            elif name in ("reward", "judge"):
+            elif kind in ("reward", "judge"):
                 img = plot_reward(m)
                 caption = f"{STEP_TITLES[name]}: pairwise loss and accuracy on training batches and on held-out comparisons."
+            elif kind == "dpo":
+                img = plot_reward(m)
+                caption = f"{name} (DPO): loss, implicit-reward accuracy and margin on training batches and on held-out comparisons."
             else:
                 img = plot_ppo(m, config or {})
                 caption = "PPO, per iteration: mean reward-model score of the rollouts, KL from the SFT policy, beta, response length, EOS share, entropy."
-            body.append(f"<h3>{_e(STEP_TITLES[name])}</h3>")
-            body.append(_img(img, f"{STEP_TITLES[name]} training curves", caption) if img else '<p class="muted">no metrics logged yet</p>')
+            title = STEP_TITLES.get(name, name)
+            body.append(f"<h3>{_e(title)}</h3>")
+            body.append(_img(img, f"{title} training curves", caption) if img else '<p class="muted">no metrics logged yet</p>')
 
     if eval_dir:
         records = _read_jsonl(eval_dir / "eval_samples.jsonl")
         if records:
             body.append(f"<h2>Samples: the first {min(max_samples, len(records))} held-out prompts</h2>")
-            body.append('<p class="muted">The higher reward-model score is outlined in green.</p>')
-            body.append(_samples(records, max_samples, bool(ev and ev["win_rate"].get("judge"))))
+            body.append('<p class="muted">A response scoring higher than SFT\'s (SFT\'s: than the first method\'s) is outlined in green.</p>')
+            body.append(_samples(records, max_samples, bool(ev and ev["win_rate"].get("judge")), methods))
     elif "ppo" in steps:
         body.append(_ppo_samples(_read_jsonl(steps["ppo"] / "samples.jsonl"), 4))
 

@@ -188,7 +188,7 @@ def test_a_missing_data_file_is_named_with_how_to_get_it(tmp_path):
 def test_every_shipped_config_finds_its_data(monkeypatch):
     """From the project root of a fresh clone, as `make demo` runs: every data file a shipped config names exists
     (nothing outside the project, such as ../shared), and every pipeline has a judge and other-source prompts."""
-    from rlhfkit.config import RewardConfig, SFTConfig, PPOConfig
+    from rlhfkit.config import DPOConfig, RewardConfig, SFTConfig, PPOConfig
     from rlhfkit.data import load_comparisons, parse_spec
     from rlhfkit.pipeline import missing_data_files, shared_prompts
 
@@ -206,7 +206,7 @@ def test_every_shipped_config_finds_its_data(monkeypatch):
             if cfg.judge.data is not None:  # given judge data: other prompts than the reward model's
                 assert not shared_prompts(load_comparisons(cfg.reward.data, score_range=None), load_comparisons(cfg.judge.data, score_range=None))
             continue
-        cfg = load_config({"sft.yaml": SFTConfig, "ppo.yaml": PPOConfig}.get(path.name, RewardConfig), path)
+        cfg = load_config({"sft.yaml": SFTConfig, "ppo.yaml": PPOConfig, "dpo.yaml": DPOConfig}.get(path.name, RewardConfig), path)
         for field in ("data", "eval_data", "reference_data", "prompts"):
             value = getattr(cfg, field, None)
             for spec in value if isinstance(value, list) else [value] if value else []:

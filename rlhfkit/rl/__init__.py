@@ -1,8 +1,10 @@
-"""Step 3: online RL against the reward model with a KL penalty toward the SFT policy.
+"""Step 3: a policy learned from the reward model with a KL penalty toward the SFT policy, or directly from the
+comparisons.
 
-`run_ppo(cfg)` runs the method `cfg.algorithm` picks: PPO (`ppo.py`), RLOO (`rloo.py`) or GRPO / Dr. GRPO
+`run_ppo(cfg)` runs the online method `cfg.algorithm` picks: PPO (`ppo.py`), RLOO (`rloo.py`) or GRPO / Dr. GRPO
 (`grpo.py`), on the shared parts: `math.py` (pure maths), `networks.py` (which networks play which role),
 `rollout.py` (one batch of experience), `frozen_cache.py` (`train_top_layers`), `trainer.py` (the loop).
+`dpo.run_dpo(cfg)` runs DPO / IPO offline (`dpo.py`, its losses in `preference_math.py`).
 """
 
 from __future__ import annotations
