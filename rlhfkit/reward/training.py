@@ -186,9 +186,11 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         wrapped.eval()
         idx = list(range(accelerator.process_index, len(eval_enc), accelerator.num_processes))
         rows = [r for i in idx for r in eval_enc[i].rows]
-        if uses_fsdp(accelerator):  # equally many forward passes on every process (padding rows scored, dropped)
-            rows, _ = even_share([r for e in eval_enc for r in e.rows], accelerator, cfg.batch_size * 2)
-            rows = [r for i in idx for r in eval_enc[i].rows] + rows[len(rows) :]
+        # Under FSDP every process runs equally many forward passes: padding rows are scored, then dropped.
+        world = accelerator.num_processes
+        counts = [sum(len(e.rows) for e in eval_enc[r::world]) for r in range(world)]
+        padded = even_batches(accelerator, rows, counts, cfg.batch_size * 2, eval_enc[0].rows[0] if eval_enc else None)
+        flat = score_rows(wrapped, padded, pad_id, cfg.batch_size * 2, cfg.precision)[: len(rows)] if padded else []
         mine, k = {}, 0
         for i in idx:
             n = len(eval_enc[i].rows)

@@ -1,0 +1,155 @@
+"""FSDP2 through accelerate (configs/accelerate/fsdp2.yaml) with 2 CPU processes (gloo) and a tiny Llama.
+
+A sharded update equals the single-process update on the same global batch (2 processes x batch 2 = 1 x
+batch 4), for SFT and the reward model, full and LoRA; checkpoints are distributed (one shard file per
+process) and a run killed with SIGKILL resumes from them to the uninterrupted run's weights; the final
+model is saved whole and loads with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+from conftest import WORDS
+from safetensors.torch import load_file
+from test_reward import write_synthetic
+
+from rlhfkit.distributed import even_batches, even_share
+from rlhfkit.reward import load_reward_model
+
+REPO = Path(__file__).resolve().parents[1]
+FSDP2 = REPO / "configs" / "accelerate" / "fsdp2.yaml"
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+LORA = ["--lora.enabled", "true", "--lora.r", "4", "--lora.alpha", "8"]
+
+
+def sft_args(model_dir: Path, data: Path, **extra) -> list[str]:
+    fields = dict(model=model_dir, data=data, max_steps=8, eval_every=4, checkpoint_every=2, precision="fp32",
+                  learning_rate=3e-3, max_length=64, grad_accum=2)  # fmt: skip
+    fields.update(extra)
+    return [a for k, v in fields.items() for a in (f"--{k}", str(v))]
+
+
+def single(step: str, out: Path, args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "rlhfkit.cli", step, "--output_dir", str(out), "--batch_size", "4", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, check=True)
+
+
+def fsdp2(step: str, out: Path, args: list[str]) -> list[str]:
+    """The 2-process FSDP2 command: half the batch per process, the same global batch."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2), "--num_processes", "2",
+            "-m", "rlhfkit.cli", step, "--output_dir", str(out), "--batch_size", "2", *args]  # fmt: skip
+
+
+def run_fsdp2(step: str, out: Path, args: list[str]) -> None:
+    proc = subprocess.run(fsdp2(step, out, args), capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def assert_same_weights(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k, **tol)
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory) -> Path:
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("fsdp-data") / "demos.jsonl"
+    with path.open("w") as f:
+        for i in range(60):
+            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+            f.write(json.dumps({"prompt": f"{prompt} {i}", "response": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10)))}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_full(tiny_model_dir, demos, tmp_path_factory) -> SimpleNamespace:
+    """One single-process and one uninterrupted FSDP2 SFT run (full fine-tuning), shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("fsdp-sft")
+    args = sft_args(tiny_model_dir, demos)
+    single("sft", tmp / "one", args)
+    run_fsdp2("sft", tmp / "two", args)
+    return SimpleNamespace(one=tmp / "one", two=tmp / "two", args=args)
+
+
+def test_fsdp2_sft_equals_single_process_with_sharded_checkpoints_and_a_whole_final_model(sft_full):
+    from transformers import AutoModelForCausalLM
+
+    one, two = (load_file(str(run / "final" / "model.safetensors")) for run in (sft_full.one, sft_full.two))
+    assert_same_weights(one, two, rtol=1e-4, atol=1e-5)  # the reduction sums in another order
+    # The same losses, step by step (the eval runs on both processes' shares, padded to equal forward passes).
+    losses = [[(m["step"], m["phase"], m["loss"]) for m in map(json.loads, (run / "metrics.jsonl").open())] for run in (sft_full.one, sft_full.two)]
+    assert [s[:2] for s in losses[0]] == [s[:2] for s in losses[1]]
+    assert [s[2] for s in losses[1]] == pytest.approx([s[2] for s in losses[0]], rel=1e-5)
+    # Checkpoints are a distributed checkpoint: one shard file per process for the model and the optimiser.
+    ckpt = sft_full.two / "checkpoints" / "step-0000008"
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (ckpt / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not list(ckpt.glob("*.safetensors"))  # no whole copy of the weights in a checkpoint
+    # The final model is whole: from_pretrained loads it, with every weight at its full shape.
+    model = AutoModelForCausalLM.from_pretrained(sft_full.two / "final")
+    for name, p in model.state_dict().items():
+        assert p.shape == one[name].shape if name in one else name == "lm_head.weight"  # tied to the embeddings
+
+
+@pytest.mark.slow
+def test_fsdp2_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(sft_full, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(fsdp2("sft", out, sft_full.args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not list((out / "checkpoints").glob("step-*/trainer_state.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, mid-run
+    proc.wait()
+    assert not (out / "final").exists(), "the run finished before it was killed"
+    run_fsdp2("sft", out, sft_full.args)  # the same command again resumes from the sharded checkpoint
+    resumed, straight = (load_file(str(run / "final" / "model.safetensors")) for run in (out, sft_full.two))
+    assert_same_weights(resumed, straight, rtol=1e-6, atol=1e-7)
+    steps = [m["step"] for m in map(json.loads, (out / "metrics.jsonl").open()) if m["phase"] == "train"]
+    assert steps == sorted(set(steps))
+
+
+@pytest.mark.slow
+def test_fsdp2_sft_lora_equals_single_process(tiny_model_dir, demos, tmp_path):
+    args = sft_args(tiny_model_dir, demos, checkpoint_every=4) + LORA
+    single("sft", tmp_path / "one", args)
+    run_fsdp2("sft", tmp_path / "two", args)
+    one, two = (load_file(str(tmp_path / run / "final" / "model.safetensors")) for run in ("one", "two"))
+    assert_same_weights(one, two, rtol=1e-4, atol=1e-5)  # LoRA merged into the base: the whole model saved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp2_reward_model_equals_single_process(tiny_model_dir, tmp_path, lora):
+    data = write_synthetic(tmp_path / "marker.jsonl", n=64)
+    args = ["--model", str(tiny_model_dir), "--data", str(data), "--max_steps", "3", "--eval_every", "2", "--checkpoint_every", "2",
+            "--precision", "fp32", "--learning_rate", "3e-3", "--max_length", "64", "--eval_fraction", "0.2", "--grad_accum", "2"]  # fmt: skip
+    args += LORA + ["--train_top_layers", "1", "--cache_frozen_features", "true"] if lora else []
+    single("reward", tmp_path / "one", args)
+    run_fsdp2("reward", tmp_path / "two", args)
+    rm1, rm2 = (load_reward_model(tmp_path / run / "final")[0] for run in ("one", "two"))
+    assert_same_weights(rm1.state_dict(), rm2.state_dict(), rtol=1e-4, atol=1e-5)
+    assert rm2.stats["mean"] == pytest.approx(rm1.stats["mean"], abs=1e-4)  # normalisation measured on the whole model
+    assert rm2.stats["eval"]["accuracy"] == pytest.approx(rm1.stats["eval"]["accuracy"])  # eval over both processes' shares
+
+
+def test_even_batches_give_every_process_as_many_forward_passes():
+    """Under FSDP each forward is a collective: 5 items over 2 processes in batches of 2 are 2 batches each."""
+    items = list("abcde")
+    shares = [even_share(items, SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2, process_index=r), batch_size=2) for r in range(2)]
+    assert shares == [(["a", "c", "e", "a"], 3), (["b", "d", "a", "a"], 2)]
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, process_index=1)
+    assert even_share(items, ddp, batch_size=2) == (["b", "d"], 2)  # DDP's forward needs no padding
+    assert even_batches(ddp, [1], [3, 1], 2, 0) == [1]
