@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 from accelerate.utils import DistributedType
@@ -107,12 +108,15 @@ def test_fsdp2_sft_equals_single_process_with_sharded_checkpoints_and_a_whole_fi
 @pytest.mark.slow
 def test_fsdp2_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(sft_full, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(fsdp2("sft", out, sft_full.args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(fsdp2("sft", out, sft_full.args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 240
     while not list((out / "checkpoints").glob("step-*/trainer_state.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, mid-run
+    # SIGKILL to the launcher and both workers, mid-run (torchrun starts its workers in their own sessions).
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        p.send_signal(signal.SIGKILL)
     proc.wait()
+    psutil.wait_procs(psutil.Process().children(recursive=True), timeout=10)
     assert not (out / "final").exists(), "the run finished before it was killed"
     run_fsdp2("sft", out, sft_full.args)  # the same command again resumes from the sharded checkpoint
     resumed, straight = (load_file(str(run / "final" / "model.safetensors")) for run in (out, sft_full.two))
