@@ -157,3 +157,20 @@ def test_even_batches_give_every_process_as_many_forward_passes():
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, process_index=1)
     assert even_share(items, ddp, batch_size=2) == (["b", "d"], 2)  # DDP's forward needs no padding
     assert even_batches(ddp, [1], [3, 1], 2, 0) == [1]
+
+
+def test_fsdp_precision_policy_is_bf16_compute_with_fp32_reduction_and_only_version_2(monkeypatch):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from rlhfkit.distributed import enable_fsdp
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    plugin = SimpleNamespace(fsdp_version=2, mixed_precision_policy=MixedPrecisionPolicy(torch.bfloat16, torch.bfloat16))
+    acc = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin), num_processes=2)
+    enable_fsdp(acc, "bf16")  # accelerate's own bf16 policy reduces in bf16
+    assert (plugin.mixed_precision_policy.param_dtype, plugin.mixed_precision_policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    enable_fsdp(acc, "fp32")
+    assert plugin.mixed_precision_policy is None
+    plugin.fsdp_version = 1
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        enable_fsdp(acc, "fp32")
