@@ -9,6 +9,10 @@ then calls `enable_fsdp`. What a step does differently under FSDP2, each in one 
 - `even_share`: this process's share of evaluation items, padded so that every process runs equally
   many forward passes (each FSDP2 forward all-gathers, a collective every process must join);
 - `full_model`: the finished model gathered whole on the main process, for `save_pretrained`;
+- `shard_frozen`: a frozen network (PPO's reference or reward model) sharded the same way, outside the
+  optimiser and the checkpoint;
+- `gathered`: a context in which a sharded model's weights are all-gathered once and kept, for generation
+  (one gather per rollout instead of one per token);
 - checkpoints need nothing: accelerate's `save_state` / `load_state` write and read the sharded
   model and optimiser as a distributed checkpoint (`pytorch_model_fsdp_0/`, `optimizer_0/`, `*.distcp`)
   when the plugin's state dict type is SHARDED_STATE_DICT.
@@ -20,6 +24,7 @@ null context under FSDP). The same policy runs on CPU (gloo).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -141,6 +146,50 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
             tied |= {name, seen[id(p)]}
         seen.setdefault(id(p), name)
     return tied
+
+
+def shard_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen network (no gradients, no optimiser), sharded by transformer block under FSDP2 with the run's
+    precision policy; without FSDP moved to the device whole. It is not registered with the accelerator, so
+    checkpoints do not save it (it never changes). Every process must run its forwards in step (collectives)."""
+    model.requires_grad_(False)
+    if not uses_fsdp(accelerator):
+        return model.to(accelerator.device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .models import transformer_blocks
+
+    plugin = accelerator.state.fsdp_plugin
+    kwargs = {"reshard_after_forward": True, "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+    hf = next((m for m in model.modules() if hasattr(m, "get_input_embeddings") and hasattr(m, "config")), model)
+    for block in transformer_blocks(hf):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(accelerator: Accelerator, model: torch.nn.Module):
+    """Within the context `model`'s sharded weights are all-gathered once and kept whole across forward passes;
+    on exit they are freed (sharded again). For generation: without it every new token gathers every block
+    again. Costs the whole model's (param_dtype) weights on each process while inside. No-op without FSDP."""
+    if not uses_fsdp(accelerator):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # FSDP keeps no public getter; each unit's setting is read from its parameter groups to restore it on exit.
+    before = [any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups) for m in units]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m, reshard in zip(units, before):
+            m.reshard()
+            m.set_reshard_after_forward(reshard, recurse=False)
 
 
 def parameter_bytes_per_process(model: torch.nn.Module) -> dict[str, int]:

@@ -174,3 +174,55 @@ def test_fsdp_precision_policy_is_bf16_compute_with_fp32_reduction_and_only_vers
     plugin.fsdp_version = 1
     with pytest.raises(ValueError, match="fsdp_version: 2"):
         enable_fsdp(acc, "fp32")
+
+
+FROZEN_WORKER = '''
+import copy, json, os, sys
+import torch, torch.distributed as dist
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
+from rlhfkit.distributed import enable_fsdp, gathered, parameter_bytes_per_process, shard_frozen
+
+acc = Accelerator(cpu=True)
+enable_fsdp(acc, "fp32")
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+whole = copy.deepcopy(model)
+x = torch.tensor([[5, 17, 42, 8, 99, 3]])
+sharded = shard_frozen(acc, model)
+held = parameter_bytes_per_process(sharded)["frozen"] / sum(p.numel() * 4 for p in whole.parameters())
+with torch.no_grad():
+    diff = (sharded(x).logits - whole(x).logits).abs().max().item()
+gathers, original = [0], dist.all_gather_single
+def counting(*a, **k):
+    gathers[0] += 1
+    return original(*a, **k)
+dist.all_gather_single = counting
+settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+with torch.no_grad():
+    with gathered(acc, sharded):
+        once = sharded.generate(x, **settings)
+    inside, gathers[0] = gathers[0], 0
+    per_token = sharded.generate(x, **settings)
+    reference = whole.generate(x, **settings)
+print("RESULT " + json.dumps({"fsdp": acc.distributed_type == "FSDP", "held": held, "diff": diff, "inside": inside, "outside": gathers[0],
+      "same": once.tolist() == per_token.tolist() == reference.tolist()}), flush=True)
+'''
+
+
+def test_a_frozen_network_sharded_gives_the_whole_networks_outputs_and_generation_gathers_once(tiny_model_dir, tmp_path):
+    """What step 3 needs: the reference / reward model sharded (half the weights per process, same logits), and
+    generation inside `gathered` all-gathers the weights once per call instead of once per token and block."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(FROZEN_WORKER)
+    env = {**ENV, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(tiny_model_dir)],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2
+    for r in results:
+        assert r["fsdp"] and r["same"]
+        assert r["held"] == pytest.approx(0.5, abs=0.02)  # each process holds half the weights
+        assert r["diff"] < 1e-5
+        assert r["outside"] >= 8 * 3  # every token gathers each block (2) and the root again
+        assert r["inside"] <= 3  # once per shard unit, for the whole generation
