@@ -58,11 +58,13 @@ def enable_fsdp(accelerator: Accelerator, precision: str) -> None:
     if not fsdp_requested():
         return
     cpu_group = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP)
-    if cpu_group and getattr(accelerator.state, "fsdp_plugin", None) is None:  # FSDP after a reset of the state, too
+    # On CPU; and after `AcceleratorState._reset_state` (make_accelerator, a new precision), which leaves the type FSDP
+    # but no plugin, on a GPU too.
+    if cpu_group and getattr(accelerator.state, "fsdp_plugin", None) is None:
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* from the environment
         for shared in (PartialState._shared_state, AcceleratorState._shared_state):
             shared["distributed_type"] = DistributedType.FSDP
-        log.info("FSDP on CPU: %d gloo processes shard the model", accelerator.num_processes)
+        log.info("FSDP2 switched on: %d processes (%s) shard the model", accelerator.num_processes, accelerator.device.type)
     if not uses_fsdp(accelerator):
         return
     plugin = accelerator.state.fsdp_plugin
@@ -71,8 +73,8 @@ def enable_fsdp(accelerator: Accelerator, precision: str) -> None:
     if precision == "bf16":
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        # accelerate's default for bf16 also reduces gradients in bf16; fp32 reduction keeps the sum exact enough
-        # for many processes (what torchtitan and TRL's FSDP2 recipes do).
+        # accelerate's default for bf16 also reduces gradients in bf16; an fp32 reduction keeps the sum over many
+        # processes exact enough (torchtitan's default too).
         plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         plugin.mixed_precision_policy = None  # fp32 throughout
