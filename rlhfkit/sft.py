@@ -6,6 +6,7 @@ response; prompt tokens (the chat-template-rendered conversation) carry no loss.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 from .config import SFTConfig
 from .data import load_demonstrations, split_by_prompt
+from .distributed import even_share, full_model, wrap_blocks
 from .losses import ResponseLoss, batch_to_inputs, trained_tokens  # noqa: F401 (step 1's loss, shared with step 3)
 from .models import enable_activation_checkpointing, load_causal_lm, load_tokenizer, save_model
 from .tokens import IGNORE_INDEX, Example, encode_example, pack
@@ -96,6 +98,7 @@ def train_sft(cfg: SFTConfig, tokenizer, train_examples: list[Example], eval_exa
     wrapped = ResponseLoss(model)
     optimizer = make_optimizer(wrapped, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps_for(plan, cfg))
+    wrap_blocks(accelerator, wrapped)  # FSDP2 only: one shard unit per transformer block
     wrapped, optimizer, scheduler = accelerator.prepare(wrapped, optimizer, scheduler)
     pad_id = tokenizer.pad_token_id
 
@@ -111,7 +114,9 @@ def train_sft(cfg: SFTConfig, tokenizer, train_examples: list[Example], eval_exa
     def evaluate() -> dict[str, float]:
         wrapped.eval()
         stats = {"loss_sum": 0.0, "loss_count": 0.0}
-        shard = eval_examples[accelerator.process_index :: accelerator.num_processes]
+        shard, real = even_share(eval_examples, accelerator, cfg.batch_size)
+        # Padding (FSDP: equally many forward passes on every process) carries no label, so no loss.
+        shard[real:] = [dataclasses.replace(e, labels=[IGNORE_INDEX] * len(e.labels)) for e in shard[real:]]
         for i in range(0, len(shard), cfg.batch_size):
             with accelerator.autocast():
                 loss_sum, n_tokens, _ = wrapped(**batch_to_inputs(shard[i : i + cfg.batch_size], pad_id, accelerator.device))
@@ -138,9 +143,11 @@ def train_sft(cfg: SFTConfig, tokenizer, train_examples: list[Example], eval_exa
     )
     if not result.finished:  # stopped early (tests simulate a crash this way)
         return run.path
+    # Under FSDP2 the weights are gathered whole on the main process into a fresh copy of the model.
+    rebuild = lambda: ResponseLoss(load_causal_lm(cfg.model, tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers))  # noqa: E731
+    trained = full_model(accelerator, wrapped, rebuild)
     if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(wrapped).model
-        save_model(trained, tokenizer, run.final, merge_lora=cfg.lora.merge_on_save)
+        save_model(trained.model, tokenizer, run.final, merge_lora=cfg.lora.merge_on_save)
         evals = result.evals
         if evals:
             log.info("eval loss: first %.4f -> last %.4f", evals[0]["loss"], evals[-1]["loss"])

@@ -15,8 +15,10 @@ previous checkpoint intact.
 
 Multi-process (accelerate launch): every process builds the same plan and takes its own share
 of each global batch. Each micro-batch loss is a *sum* divided by the global normaliser
-(tokens, prompts...) times the number of processes, so after DDP averages the gradients the
-update equals the single-process update on the same global batch.
+(tokens, prompts...) times the number of processes, so after DDP (or FSDP2's reduce-scatter) averages
+the gradients the update equals the single-process update on the same global batch. Under FSDP2
+(distributed.py) the checkpoint's model and optimiser are sharded (a distributed checkpoint, one
+file per process), written and read by the same save_state / load_state.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from .config import TrainingSettings, save_config
+from .distributed import enable_fsdp, parameter_bytes_per_process
 from .tracking import MetricsLogger, read_metrics, trackers  # noqa: F401 (the steps import MetricsLogger, read_metrics from here)
 
 log = logging.getLogger("rlhfkit.training")
@@ -101,12 +104,14 @@ def make_accelerator(cfg: TrainingSettings) -> Accelerator:
         # One process may run several steps with different precisions (a notebook, the tests):
         # accelerate keeps its first choice in a singleton; reset it (the process group stays).
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=wanted,
         cpu=not torch.cuda.is_available(),
         step_scheduler_with_optimizer=False,
         log_with=trackers(cfg.output_dir, cfg.report_to),  # started by MetricsLogger
     )
+    enable_fsdp(accelerator, cfg.precision)  # under an FSDP accelerate config (configs/accelerate/fsdp2.yaml)
+    return accelerator
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainingSettings) -> torch.optim.Optimizer:
@@ -290,6 +295,9 @@ def train_supervised(
     metrics = MetricsLogger(run, accelerator.is_main_process, resume_step=start if state else None, accelerator=accelerator)
     result = LoopResult(steps=start, resumed_from=start if state else None)
 
+    held = parameter_bytes_per_process(model)  # under FSDP2 a shard: about 1/N of the whole
+    log.info("process %d holds %.1f MB of trained and %.1f MB of frozen parameters",
+             accelerator.process_index, held["trained"] / 2**20, held["frozen"] / 2**20)  # fmt: skip
     if start == 0:
         first = evaluate()
         metrics.log(0, first, "eval")

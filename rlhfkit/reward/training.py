@@ -18,6 +18,7 @@ import torch
 
 from ..config import RewardConfig
 from ..data import Comparison, Demonstration, load_comparisons, load_demonstrations, split_by_prompt
+from ..distributed import even_batches, full_model, uses_fsdp, wrap_blocks
 from ..generate import model_path_of
 from ..models import enable_activation_checkpointing, load_tokenizer, resolve_model, transformer_blocks
 from ..training import (
@@ -153,10 +154,15 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
     log.info("reward model: %s, %.1fM of %.1fM parameters trained", base, trainable / 1e6, sum(p.numel() for p in rm.parameters()) / 1e6)
     optimizer = make_optimizer(rm, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps_for(plan, cfg))
+    wrap_blocks(accelerator, rm)  # FSDP2 only: one shard unit per transformer block
     wrapped, optimizer, scheduler = accelerator.prepare(rm, optimizer, scheduler)
     pad_id = tokenizer.pad_token_id
     cache = None
-    if cfg.cache_frozen_features and cfg.train_top_layers:
+    if cfg.cache_frozen_features and cfg.train_top_layers and uses_fsdp(accelerator):
+        # The cache runs the lower blocks only for rows not seen yet: a different number of forward passes
+        # on each process, while every FSDP2 forward is a collective all of them must join.
+        log.info("frozen-feature cache off under FSDP: each block's forward is a collective of all processes")
+    elif cfg.cache_frozen_features and cfg.train_top_layers:
         cache = FrozenFeatureCache(len(transformer_blocks(rm.lm)) - cfg.train_top_layers)
         size = cache_size_bytes(plan.items, rm.lm.config.hidden_size)
         log.info("frozen-feature cache: the output of the lower %d blocks, about %.2f GB once every row is seen", cache.split, size / 1e9)
@@ -180,7 +186,11 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         wrapped.eval()
         idx = list(range(accelerator.process_index, len(eval_enc), accelerator.num_processes))
         rows = [r for i in idx for r in eval_enc[i].rows]
-        flat = score_rows(wrapped, rows, pad_id, cfg.batch_size * 2, cfg.precision) if rows else []
+        # Under FSDP every process runs equally many forward passes: padding rows are scored, then dropped.
+        world = accelerator.num_processes
+        counts = [sum(len(e.rows) for e in eval_enc[r::world]) for r in range(world)]
+        padded = even_batches(accelerator, rows, counts, cfg.batch_size * 2, eval_enc[0].rows[0] if eval_enc else None)
+        flat = score_rows(wrapped, padded, pad_id, cfg.batch_size * 2, cfg.precision)[: len(rows)] if padded else []
         mine, k = {}, 0
         for i in idx:
             n = len(eval_enc[i].rows)
@@ -217,8 +227,10 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
     )
     if not result.finished:  # stopped early (tests simulate a crash this way)
         return run.path
+    # Under FSDP2 the weights are gathered whole on the main process into a fresh copy of the model.
+    rebuild = lambda: build_reward_model(base, tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers)  # noqa: E731
+    trained: RewardModel | None = full_model(accelerator, wrapped, rebuild)
     if accelerator.is_main_process:
-        trained: RewardModel = accelerator.unwrap_model(wrapped)
         trained.eval()
         refs, what = reference_responses(cfg, train_cmp)
         spread = spread_responses(cfg, train_cmp)
