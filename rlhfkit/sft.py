@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .config import SFTConfig
-from .data import load_demonstrations, split_by_prompt
+from .data import Rows, demonstration_dataset, example_from_row, split_rows
 from .models import backbone_and_head, enable_activation_checkpointing, load_causal_lm, load_tokenizer, save_model
 from .tokens import IGNORE_INDEX, Example, collate, encode_example, pack
 from .training import (
@@ -67,6 +68,11 @@ def encode_all(tokenizer, demos, cfg: SFTConfig) -> tuple[list[Example], int]:
     return examples, sum(e.truncated for e in examples)
 
 
+def item_lengths(examples: Sequence[Example]):
+    """Token counts of the examples: the dataset's length column, or one pass over a list."""
+    return examples.column("length") if isinstance(examples, Rows) else [len(e) for e in examples]
+
+
 def batch_to_inputs(micro: list, pad_token_id: int, device) -> dict[str, torch.Tensor]:
     """A micro-batch of Examples (right-padded) or of packed rows, as model inputs."""
     if isinstance(micro[0], Example):
@@ -84,20 +90,34 @@ def batch_to_inputs(micro: list, pad_token_id: int, device) -> dict[str, torch.T
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def load_sft_examples(cfg: SFTConfig, tokenizer) -> tuple[list[Example], list[Example]]:
-    """Read, split (by prompt) and tokenise the demonstrations; log how many were truncated."""
-    demos = load_demonstrations(cfg.data)
+def load_sft_examples(cfg: SFTConfig, tokenizer) -> tuple[Sequence[Example], list[Example]]:
+    """Read, split (by prompt) and tokenise the demonstrations; log how many were truncated.
+
+    The training examples stay on disk: the records are streamed into an arrow file in the run folder's
+    data/, tokenised by `Dataset.map` and memory-mapped (a resumed run reuses the files), and an Example is
+    built only when the data plan asks for it. The eval examples (at most max_eval_examples) are a list.
+    `load_demonstrations` + `split_by_prompt` + `encode_all` give the same examples as lists."""
+
+    def dataset(spec):
+        return demonstration_dataset(
+            spec, tokenizer, max_length=cfg.max_length, max_prompt_share=cfg.max_prompt_share, cache_dir=Path(cfg.output_dir) / "data"
+        )
+
+    train_set = dataset(cfg.data)
     if cfg.eval_data is not None:
-        train_demos, eval_demos = demos, load_demonstrations(cfg.eval_data)
+        eval_set = dataset(cfg.eval_data)
+        train_rows, eval_rows = None, range(len(eval_set))
     else:
-        train_demos, eval_demos = split_by_prompt(demos, cfg.eval_fraction, seed=cfg.seed)
-    train_examples, n_cut = encode_all(tokenizer, train_demos, cfg)
-    eval_examples, n_cut_eval = encode_all(tokenizer, eval_demos[: cfg.max_eval_examples], cfg)
+        eval_set = train_set
+        train_rows, eval_rows = split_rows(train_set, cfg.eval_fraction, seed=cfg.seed)
+    train_examples = Rows(train_set, example_from_row, train_rows)
+    eval_examples = list(Rows(eval_set, example_from_row, eval_rows[: cfg.max_eval_examples]))
+    n_cut, n_cut_eval = int(train_examples.column("truncated").sum()), sum(e.truncated for e in eval_examples)
     log.info(
         "SFT data: %d train / %d eval demonstrations; %d train and %d eval examples truncated to %d tokens",
         len(train_examples), len(eval_examples), n_cut, n_cut_eval, cfg.max_length,
     )  # fmt: skip
-    if not train_examples:
+    if not len(train_examples):
         raise ValueError(f"{cfg.data}: no training demonstrations")
     return train_examples, eval_examples
 
@@ -113,7 +133,7 @@ def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> Path:
     return train_sft(cfg, tokenizer, train_examples, eval_examples, stop_after)
 
 
-def train_sft(cfg: SFTConfig, tokenizer, train_examples: list[Example], eval_examples: list[Example], stop_after: int | None = None) -> Path:
+def train_sft(cfg: SFTConfig, tokenizer, train_examples: Sequence[Example], eval_examples: list[Example], stop_after: int | None = None) -> Path:
     """The training part of step 1, on already tokenised examples."""
     run = RunDir(cfg.output_dir)
     accelerator = make_accelerator(cfg)
@@ -134,7 +154,7 @@ def train_sft(cfg: SFTConfig, tokenizer, train_examples: list[Example], eval_exa
         process_index=accelerator.process_index,
         seed=cfg.seed,
         weight=weight,
-        length=len if cfg.group_by_length and not cfg.packing else None,
+        lengths=item_lengths(items) if cfg.group_by_length and not cfg.packing else None,
     )
     model = load_causal_lm(cfg.model, tokenizer, dropout=cfg.dropout, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
     if cfg.gradient_checkpointing:
