@@ -168,7 +168,7 @@ class Rows(Sequence):
 
     def column(self, name: str) -> np.ndarray:
         """A numeric column over these rows, as one numpy array (e.g. the lengths for the data plan)."""
-        return self.dataset.data.column(name).to_numpy()[self.indices]
+        return np.asarray(self.dataset.with_format("numpy")[name])[self.indices]
 
     def subset(self, positions) -> "Rows":
         """The rows at `positions` of this sequence."""

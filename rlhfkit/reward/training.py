@@ -195,7 +195,8 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
     tokenizer = load_tokenizer(base)
     with accelerator.main_process_first():  # the main process writes the data files, the others read them
         data = load_reward_data(cfg, tokenizer)
-    train_enc, train_cmp, eval_cmp, eval_enc, n_pairs = data.train, data.train_comparisons, data.eval_comparisons, data.eval_encoded, data.n_pairs
+    train_enc, train_cmp, n_pairs = data.train, data.train_comparisons, data.n_pairs
+    eval_cmp, eval_enc = data.eval_comparisons, data.eval_encoded
 
     # One comparison (one prompt) is one item of weight 1: the loop divides the summed per-prompt
     # losses by the number of prompts in the global batch, so every prompt weighs the same.
