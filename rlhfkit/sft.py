@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -90,6 +92,16 @@ def batch_to_inputs(micro: list, pad_token_id: int, device) -> dict[str, torch.T
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _main_process_first():
+    """Under `accelerate launch` the main process writes the data files, then the others read them (the
+    accelerator is made later, in train_sft, with the same `cpu` setting)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return nullcontext()
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
+
+
 def load_sft_examples(cfg: SFTConfig, tokenizer) -> tuple[Sequence[Example], list[Example]]:
     """Read, split (by prompt) and tokenise the demonstrations; log how many were truncated.
 
@@ -103,12 +115,12 @@ def load_sft_examples(cfg: SFTConfig, tokenizer) -> tuple[Sequence[Example], lis
             spec, tokenizer, max_length=cfg.max_length, max_prompt_share=cfg.max_prompt_share, cache_dir=Path(cfg.output_dir) / "data"
         )
 
-    train_set = dataset(cfg.data)
+    with _main_process_first():
+        train_set = dataset(cfg.data)
+        eval_set = dataset(cfg.eval_data) if cfg.eval_data is not None else train_set
     if cfg.eval_data is not None:
-        eval_set = dataset(cfg.eval_data)
         train_rows, eval_rows = None, range(len(eval_set))
     else:
-        eval_set = train_set
         train_rows, eval_rows = split_rows(train_set, cfg.eval_fraction, seed=cfg.seed)
     train_examples = Rows(train_set, example_from_row, train_rows)
     eval_examples = list(Rows(eval_set, example_from_row, eval_rows[: cfg.max_eval_examples]))
