@@ -315,3 +315,21 @@ def test_a_large_file_is_trained_on_without_python_lists(tiny_model_dir, tmp_pat
     assert lists_per_row > 500  # records and token lists: bytes a row
     bound = lists_per_row * 8000 / 5
     assert arrow_growth < bound, f"the heap grew {arrow_growth / 2**20:.2f} MiB for 8k rows more; the lists take {5 * bound / 2**20:.1f} MiB"
+
+
+def test_separate_eval_files_give_the_lists_of_the_old_path(tmp_path, tokenizer):
+    demos, held_out = write_demos(tmp_path / "d.jsonl"), write_demos(tmp_path / "e.jsonl", n=30, seed=1)
+    cfg = SFTConfig(model="x", data=str(demos), eval_data=str(held_out), output_dir=str(tmp_path / "sft"), max_length=32, max_eval_examples=20)
+    train, evaluation = load_sft_examples(cfg, tokenizer)
+    assert list(train) == encode_all(tokenizer, load_demonstrations(demos), cfg)[0]
+    assert evaluation == encode_all(tokenizer, load_demonstrations(held_out)[:20], cfg)[0]
+
+    comparisons, held_out = write_comparisons(tmp_path / "c.jsonl"), write_comparisons(tmp_path / "f.jsonl", n=40, seed=1)
+    rcfg = RewardConfig(model="x", data=str(comparisons), eval_data=str(held_out), output_dir=str(tmp_path / "rm"), max_length=32)
+    data = reward_training.load_reward_data(rcfg, tokenizer)
+    train_enc = reward_training._encode_all(tokenizer, load_comparisons(comparisons), rcfg)[0]
+    eval_cmp = [c for c in load_comparisons(held_out) if c.pairs()]
+    assert [(e.rows, e.pairs, e.weights) for e in data.train] == [(e.rows, e.pairs, e.weights) for e in train_enc]
+    assert list(data.train_comparisons) == load_comparisons(comparisons) and data.eval_comparisons == eval_cmp
+    assert [e.rows for e in data.eval_encoded] == [e.rows for e in reward_training._encode_all(tokenizer, eval_cmp, rcfg)[0]]
+    assert data.n_pairs == sum(len(e.pairs) for e in train_enc)
