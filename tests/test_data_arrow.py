@@ -333,3 +333,24 @@ def test_separate_eval_files_give_the_lists_of_the_old_path(tmp_path, tokenizer)
     assert list(data.train_comparisons) == load_comparisons(comparisons) and data.eval_comparisons == eval_cmp
     assert [e.rows for e in data.eval_encoded] == [e.rows for e in reward_training._encode_all(tokenizer, eval_cmp, rcfg)[0]]
     assert data.n_pairs == sum(len(e.pairs) for e in train_enc)
+
+
+def test_the_frozen_feature_cache_knows_a_dataset_item_again(tmp_path, tiny_model_dir, tokenizer):
+    """Rows builds a new object at each access: the cache keys it by its row, not its id (with ids, every step
+    would run the lower blocks again, and a freed object's id reused by another comparison would hit)."""
+    from rlhfkit.reward import build_reward_model, rows_to_batch
+    from rlhfkit.reward.frozen_features import FrozenFeatureCache, cache_size_bytes
+
+    _, ds = comparison_dataset(
+        str(write_comparisons(tmp_path / "c.jsonl")), tokenizer, max_length=32, max_prompt_share=0.5, margin_scale=0.0,
+        score_range=(1, 7), cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    rows = Rows(ds, encoded_from_row)
+    rm = build_reward_model(str(tiny_model_dir), tokenizer, train_top_layers=1)
+    cache, calls, lower = FrozenFeatureCache(split=1), [], rm.frozen_features
+    rm.frozen_features = lambda *args: calls.append(args) or lower(*args)
+    batch = rows_to_batch([r for e in (rows[0], rows[1]) for r in e.rows], tokenizer.pad_token_id)
+    first = cache.batch(rm, [rows[0], rows[1]], batch)
+    again = cache.batch(rm, [rows[0], rows[1]], batch)  # new objects, the same rows
+    assert len(calls) == 1 and torch.equal(first, again) and set(cache.features) == {0, 1}
+    assert cache_size_bytes(rows, 8) == cache_size_bytes(list(rows), 8) == sum(e.tokens for e in rows) * 8 * 4

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from ..data import Rows
 from .encoding import EncodedComparison, rows_to_batch
 
 log = logging.getLogger("rlhfkit.reward")
@@ -20,7 +21,8 @@ log = logging.getLogger("rlhfkit.reward")
 
 def cache_size_bytes(items: Sequence[EncodedComparison], hidden_size: int, dtype: torch.dtype = torch.float32) -> int:
     """Memory of the cached features of `items` once every row has been seen."""
-    return sum(item.tokens for item in items) * hidden_size * torch.empty(0, dtype=dtype).element_size()
+    tokens = int(items.column("tokens").sum()) if isinstance(items, Rows) else sum(item.tokens for item in items)
+    return tokens * hidden_size * torch.empty(0, dtype=dtype).element_size()
 
 
 def _key(item: EncodedComparison) -> int:
