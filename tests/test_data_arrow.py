@@ -27,6 +27,8 @@ from rlhfkit.data import (
     record_from_row,
     split_by_prompt,
     split_rows,
+    stream_comparisons,
+    stream_demonstrations,
     write_jsonl,
 )
 from rlhfkit.models import load_tokenizer
@@ -107,6 +109,23 @@ def test_records_through_arrow_equal_the_loaded_lists(tmp_path):
     spec = [str(tmp_path / "d.parquet"), str(demos)]
     ds = record_dataset(spec, "demonstrations", tmp_path / "cache")
     assert [record_from_row(row, "demonstrations") for row in ds] == load_demonstrations(spec)
+
+
+def test_readers_stream_their_records(tmp_path):
+    """A reader gives its records one at a time: those before a bad line come out before its error. Ratings wait
+    for the end of the file (a prompt's ratings may be anywhere), and what follows them keeps the file's order."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(3)) + "not json\n")
+    records = stream_demonstrations(str(path))
+    assert [next(records).messages[0]["content"] for _ in range(3)] == ["p0", "p1", "p2"]
+    with pytest.raises(DataError, match=":4:"):
+        next(records)
+
+    lines = [{"prompt": "a", "chosen": "x", "rejected": "y"}, {"prompt": "r", "response": "one", "score": 2},
+             {"prompt": "b", "chosen": "x", "rejected": "y"}, {"prompt": "r", "response": "two", "score": 5}]  # fmt: skip
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [c.messages[0]["content"] for c in stream_comparisons(str(path))] == ["a", "r", "b"]
+    assert list(stream_comparisons(str(path))) == load_comparisons(path)
 
 
 @pytest.mark.parametrize("fraction,seed", [(0.2, 0), (0.5, 3), (0.0, 1), (0.001, 2)])
