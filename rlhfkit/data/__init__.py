@@ -5,7 +5,7 @@
     trl.py            TRL's dataset formats: prompt-completion, preference, prompt-only
     containers.py     JSON Lines, parquet, arrow, CSV, `save_to_disk` folders, hub datasets in the cache
     hh_rlhf.py, oasst.py, self_instruct.py   one reader per public source
-    load.py           load_demonstrations / load_comparisons / load_prompts on a spec; split_by_prompt
+    load.py           load_demonstrations / load_comparisons / load_prompts on a spec (stream_*: one at a time); split_by_prompt
     arrow.py          large sets: records streamed to an arrow file, tokenised by `Dataset.map`, memory-mapped
 
 A spec is a source, "FORMAT:SOURCE" (FORMAT one of jsonl, hh-rlhf, oasst, self-instruct), or a list.
