@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from .config import SFTConfig
-from .data import load_demonstrations, split_by_prompt
+from .data import Rows, demonstration_dataset, example_from_row, split_rows
 from .distributed import even_share, full_model, wrap_blocks
 from .losses import ResponseLoss, batch_to_inputs, trained_tokens  # noqa: F401 (step 1's loss, shared with step 3)
 from .models import enable_activation_checkpointing, load_causal_lm, load_tokenizer, save_model
@@ -40,20 +43,49 @@ def encode_all(tokenizer, demos, cfg: SFTConfig) -> tuple[list[Example], int]:
     return examples, sum(e.truncated for e in examples)
 
 
-def load_sft_examples(cfg: SFTConfig, tokenizer) -> tuple[list[Example], list[Example]]:
-    """Read, split (by prompt) and tokenise the demonstrations; log how many were truncated."""
-    demos = load_demonstrations(cfg.data)
+def item_lengths(examples: Sequence[Example]):
+    """Token counts of the examples: the dataset's length column, or one pass over a list."""
+    return examples.column("length") if isinstance(examples, Rows) else [len(e) for e in examples]
+
+
+def _main_process_first():
+    """Under `accelerate launch` the main process writes the data files, then the others read them (the
+    accelerator is made later, in train_sft, with the same `cpu` setting)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return nullcontext()
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
+
+
+def load_sft_examples(cfg: SFTConfig, tokenizer) -> tuple[Sequence[Example], list[Example]]:
+    """Read, split (by prompt) and tokenise the demonstrations; log how many were truncated.
+
+    The training examples stay on disk: the records are streamed into an arrow file in the run folder's
+    data/, tokenised by `Dataset.map` and memory-mapped (a resumed run reuses the files), and an Example is
+    built only when the data plan asks for it. The eval examples (at most max_eval_examples) are a list.
+    `load_demonstrations` + `split_by_prompt` + `encode_all` give the same examples as lists."""
+
+    def dataset(spec):
+        return demonstration_dataset(
+            spec, tokenizer, max_length=cfg.max_length, max_prompt_share=cfg.max_prompt_share, cache_dir=Path(cfg.output_dir) / "data"
+        )
+
+    with _main_process_first():
+        train_set = dataset(cfg.data)
+        eval_set = dataset(cfg.eval_data) if cfg.eval_data is not None else train_set
     if cfg.eval_data is not None:
-        train_demos, eval_demos = demos, load_demonstrations(cfg.eval_data)
+        train_rows, eval_rows = None, range(len(eval_set))
     else:
-        train_demos, eval_demos = split_by_prompt(demos, cfg.eval_fraction, seed=cfg.seed)
-    train_examples, n_cut = encode_all(tokenizer, train_demos, cfg)
-    eval_examples, n_cut_eval = encode_all(tokenizer, eval_demos[: cfg.max_eval_examples], cfg)
+        train_rows, eval_rows = split_rows(train_set, cfg.eval_fraction, seed=cfg.seed)
+    train_examples = Rows(train_set, example_from_row, train_rows)
+    eval_examples = list(Rows(eval_set, example_from_row, eval_rows[: cfg.max_eval_examples]))
+    n_cut, n_cut_eval = int(train_examples.column("truncated").sum()), sum(e.truncated for e in eval_examples)
     log.info(
         "SFT data: %d train / %d eval demonstrations; %d train and %d eval examples truncated to %d tokens",
         len(train_examples), len(eval_examples), n_cut, n_cut_eval, cfg.max_length,
     )  # fmt: skip
-    if not train_examples:
+    if not len(train_examples):
         raise ValueError(f"{cfg.data}: no training demonstrations")
     return train_examples, eval_examples
 
@@ -69,7 +101,7 @@ def run_sft(cfg: SFTConfig, stop_after: int | None = None) -> Path:
     return train_sft(cfg, tokenizer, train_examples, eval_examples, stop_after)
 
 
-def train_sft(cfg: SFTConfig, tokenizer, train_examples: list[Example], eval_examples: list[Example], stop_after: int | None = None) -> Path:
+def train_sft(cfg: SFTConfig, tokenizer, train_examples: Sequence[Example], eval_examples: list[Example], stop_after: int | None = None) -> Path:
     """The training part of step 1, on already tokenised examples."""
     run = RunDir(cfg.output_dir)
     accelerator = make_accelerator(cfg)
@@ -90,7 +122,7 @@ def train_sft(cfg: SFTConfig, tokenizer, train_examples: list[Example], eval_exa
         process_index=accelerator.process_index,
         seed=cfg.seed,
         weight=weight,
-        length=len if cfg.group_by_length and not cfg.packing else None,
+        lengths=item_lengths(items) if cfg.group_by_length and not cfg.packing else None,
     )
     model = load_causal_lm(cfg.model, tokenizer, dropout=cfg.dropout, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
     if cfg.gradient_checkpointing:

@@ -160,6 +160,7 @@ class DataPlan:
     group: Callable[[list[Any]], list[Any]] | None = None  # e.g. packing: items -> rows
     length: Callable[[Any], int] | None = None  # set: group items of similar length (less padding)
     length_window: int = 32  # global batches per window sorted by length
+    lengths: Sequence[int] | None = None  # or the lengths themselves (a dataset's column, numpy): no pass over the items
     _order: list[int] = field(default_factory=list, init=False, repr=False)
     _order_epoch: int = field(default=-1, init=False, repr=False)
 
@@ -178,13 +179,13 @@ class DataPlan:
 
     def _make_epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        if self.length is None:
+        if self.length is None and self.lengths is None:
             return torch.randperm(len(self.items), generator=g).tolist()
         # transformers' LengthGroupedSampler order (random windows of global batches, each sorted by length),
         # from a generator seeded by (seed, epoch) so that it stays resumable by step (the sampler's own
         # generator state is not); then the batches are shuffled so long and short ones alternate over time.
         n = self.global_batch
-        lengths = [self.length(item) for item in self.items]
+        lengths = self.lengths if self.lengths is not None else [self.length(item) for item in self.items]
         order = get_length_grouped_indices(lengths, n, mega_batch_mult=self.length_window, generator=g)
         full = len(order) // n * n
         batches = [order[s : s + n] for s in range(0, full, n)]

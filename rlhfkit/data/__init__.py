@@ -5,7 +5,8 @@
     trl.py            TRL's dataset formats: prompt-completion, preference, prompt-only
     containers.py     JSON Lines, parquet, arrow, CSV, `save_to_disk` folders, hub datasets in the cache
     hh_rlhf.py, oasst.py, self_instruct.py   one reader per public source
-    load.py           load_demonstrations / load_comparisons / load_prompts on a spec; split_by_prompt
+    load.py           load_demonstrations / load_comparisons / load_prompts on a spec (stream_*: one at a time); split_by_prompt
+    arrow.py          large sets: records streamed to an arrow file, tokenised by `Dataset.map`, memory-mapped
 
 A spec is a source, "FORMAT:SOURCE" (FORMAT one of jsonl, hh-rlhf, oasst, self-instruct), or a list.
 
@@ -18,6 +19,7 @@ never dropped silently. Every reader logs one line per source on the "rlhfkit.da
 many records it returned and a count per skip reason.
 """
 
+from .arrow import Rows, demonstration_dataset, example_from_row, record_dataset, record_from_row, split_rows, tokenise
 from .containers import rows
 from .formats import (
     DEFAULT_SCORE_RANGE,
@@ -30,7 +32,18 @@ from .formats import (
     write_jsonl,
 )
 from .hh_rlhf import parse_hh_transcript, read_hh_rlhf, read_hh_rlhf_demonstrations
-from .load import FORMATS, load_comparisons, load_demonstrations, load_prompts, parse_spec, prompt_key, split_by_prompt
+from .load import (
+    FORMATS,
+    eval_mask,
+    load_comparisons,
+    load_demonstrations,
+    load_prompts,
+    parse_spec,
+    prompt_key,
+    split_by_prompt,
+    stream_comparisons,
+    stream_demonstrations,
+)
 from .oasst import read_oasst_comparisons, read_oasst_demonstrations, read_oasst_prompts
 from .records import ROLES, Comparison, DataError, Demonstration, Message, Prompt, ReadStats
 from .self_instruct import read_self_instruct
@@ -42,4 +55,7 @@ __all__ = [
     "read_demonstrations", "read_hh_rlhf", "read_hh_rlhf_demonstrations", "read_oasst_comparisons",
     "read_oasst_demonstrations", "read_oasst_prompts", "read_prompts", "read_self_instruct", "rows",
     "prompt_key", "split_by_prompt", "write_jsonl",
+    # large sets (arrow.py)
+    "Rows", "demonstration_dataset", "eval_mask", "example_from_row", "record_dataset", "record_from_row", "split_rows",
+    "stream_comparisons", "stream_demonstrations", "tokenise",
 ]  # fmt: skip

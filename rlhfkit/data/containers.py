@@ -137,15 +137,20 @@ def objects(source) -> Iterator[tuple[int, dict]]:
 
 def finish(path, kind: str, records: list, skipped: Counter, stats: ReadStats | None, last_line: int = 1):
     """Refuse a source that gave nothing, count, and report what was skipped."""
+    report(path, kind, len(records), skipped, stats, last_line)
+    return records
+
+
+def report(path, kind: str, count: int, skipped: Counter, stats: ReadStats | None, last_line: int = 1) -> None:
+    """`finish` for a reader that streams its records: called once the last one is out."""
     skipped = +skipped  # drop zero counts
     why = ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items()))
-    if not records:
+    if not count:
         raise DataError(path, last_line, "<file>", f"no {kind} in file" + (f" (skipped: {why})" if why else ""))
     if stats is not None:
-        stats.records += len(records)
+        stats.records += count
         stats.skipped.update(skipped)
     if skipped:
-        log.warning("%s: read %d %s, skipped %d (%s)", path, len(records), kind, sum(skipped.values()), why)
+        log.warning("%s: read %d %s, skipped %d (%s)", path, count, kind, sum(skipped.values()), why)
     else:
-        log.info("%s: read %d %s", path, len(records), kind)
-    return records
+        log.info("%s: read %d %s", path, count, kind)

@@ -27,10 +27,10 @@ standard or conversational) or `{"messages": [...]}`.
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from . import trl
-from .containers import _open, finish, objects, rows
+from .containers import _open, finish, objects, report, rows
 from .records import (
     Comparison,
     DataError,
@@ -143,13 +143,20 @@ def _demonstration_from_json(obj: dict) -> Demonstration:
 
 def read_demonstrations(path, *, stats: ReadStats | None = None) -> list[Demonstration]:
     """Demonstrations in the prompt/response, messages or TRL prompt-completion form."""
-    demos, line_no = [], 1
+    return list(iter_demonstrations(path, stats=stats))
+
+
+def iter_demonstrations(path, *, stats: ReadStats | None = None) -> Iterator[Demonstration]:
+    """`read_demonstrations`, one record at a time."""
+    count, line_no = 0, 1
     for line_no, obj in objects(path):
         try:
-            demos.append(_demonstration_from_json(obj))
+            demo = _demonstration_from_json(obj)
         except _Invalid as e:
             raise DataError(path, line_no, e.field, e.what) from None
-    return finish(path, "demonstrations", demos, Counter(), stats, line_no)
+        count += 1
+        yield demo
+    report(path, "demonstrations", count, Counter(), stats, line_no)
 
 
 def read_comparisons(
@@ -159,8 +166,20 @@ def read_comparisons(
     Ratings of one prompt become one comparison, placed where the prompt first appears.
     Skipped (counted): pairs with chosen == rejected ("identical"), rated prompts with a
     single response ("single_rating") or all scores equal ("all_ratings_equal")."""
-    items, rated, skipped, line_no = [], {}, Counter(), 1
+    return list(iter_comparisons(path, score_range=score_range, stats=stats))
+
+
+def iter_comparisons(
+    path, *, score_range: tuple[float, float] | None = DEFAULT_SCORE_RANGE, stats: ReadStats | None = None
+) -> Iterator[Comparison]:
+    """`read_comparisons`, one record at a time. Only ratings are held back: from the first one on, records
+    wait until the end of the file (a prompt's ratings may be anywhere in it) to keep the file's order."""
+    items, rated, skipped, line_no, count = [], {}, Counter(), 1, 0
     for line_no, obj in objects(path):
+        if not rated:  # nothing waits for later ratings: what came so far can go
+            count += len(items)
+            yield from items
+            items.clear()
         try:
             source = _optional_string(obj, "source")
             if "chosen" in obj or "rejected" in obj:
@@ -204,13 +223,13 @@ def read_comparisons(
         except _Invalid as e:
             raise DataError(path, line_no, e.field, e.what) from None
 
-    comparisons = []
     for item in items:
         if isinstance(item, dict):
             item = _comparison_from_ratings(**item, skipped=skipped)
         if item is not None:
-            comparisons.append(item)
-    return finish(path, "comparisons", comparisons, skipped, stats, line_no)
+            count += 1
+            yield item
+    report(path, "comparisons", count, skipped, stats, line_no)
 
 
 def _comparison_from_ratings(messages, responses, scores, source, skipped: Counter) -> Comparison | None:

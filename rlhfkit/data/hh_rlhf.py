@@ -4,8 +4,9 @@
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
-from .containers import finish, objects
+from .containers import objects, report
 from .records import Comparison, DataError, Demonstration, ReadStats, _get, _Invalid, _string
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -46,7 +47,12 @@ def read_hh_rlhf(path, *, stats: ReadStats | None = None) -> list[Comparison]:
       empty_response      a side's last Assistant turn is empty
       empty_turn          an empty turn inside the prompt
       prompt_not_user_last  the prompt ends with an Assistant turn"""
-    source, comparisons, skipped, line_no = _hh_source(path), [], Counter(), 1
+    return list(iter_hh_rlhf(path, stats=stats))
+
+
+def iter_hh_rlhf(path, *, stats: ReadStats | None = None) -> Iterator[Comparison]:
+    """`read_hh_rlhf`, one record at a time."""
+    source, count, skipped, line_no = _hh_source(path), 0, Counter(), 1
     for line_no, obj in objects(path):
         try:
             sides = {}
@@ -73,10 +79,15 @@ def read_hh_rlhf(path, *, stats: ReadStats | None = None) -> list[Comparison]:
         elif messages[-1]["role"] != "user":
             skipped["prompt_not_user_last"] += 1
         else:
-            comparisons.append(Comparison(messages, [chosen, rejected], [[0], [1]], source))
-    return finish(path, "comparisons", comparisons, skipped, stats, line_no)
+            count += 1
+            yield Comparison(messages, [chosen, rejected], [[0], [1]], source)
+    report(path, "comparisons", count, skipped, stats, line_no)
 
 
 def read_hh_rlhf_demonstrations(path, *, stats: ReadStats | None = None) -> list[Demonstration]:
     """The chosen side of every HH-RLHF pair that read_hh_rlhf keeps."""
-    return [Demonstration(c.messages, c.responses[0], c.source) for c in read_hh_rlhf(path, stats=stats)]
+    return list(iter_hh_rlhf_demonstrations(path, stats=stats))
+
+
+def iter_hh_rlhf_demonstrations(path, *, stats: ReadStats | None = None) -> Iterator[Demonstration]:
+    return (Demonstration(c.messages, c.responses[0], c.source) for c in iter_hh_rlhf(path, stats=stats))

@@ -1,16 +1,23 @@
 """Self-Instruct user-oriented instructions: {"instruction", "instances": [{"input", "output"}]}."""
 
 from collections import Counter
+from typing import Iterator
 
-from .containers import finish, objects
+from .containers import objects, report
 from .records import DataError, Demonstration, ReadStats, _get, _Invalid, _json_type, _optional_string, _string
 
 
 def read_self_instruct(path, *, stats: ReadStats | None = None) -> list[Demonstration]:
     """One demonstration per instance; the prompt is the instruction, then the input (if any)
     after a blank line."""
-    demos, line_no = [], 1
+    return list(iter_self_instruct(path, stats=stats))
+
+
+def iter_self_instruct(path, *, stats: ReadStats | None = None) -> Iterator[Demonstration]:
+    """`read_self_instruct`, one record at a time."""
+    count, line_no = 0, 1
     for line_no, obj in objects(path):
+        demos = []
         try:
             instruction = _string(_get(obj, "instruction"), "instruction").strip()
             instances = _get(obj, "instances")
@@ -25,4 +32,6 @@ def read_self_instruct(path, *, stats: ReadStats | None = None) -> list[Demonstr
                 demos.append(Demonstration([{"role": "user", "content": prompt}], output.strip(), "self-instruct"))
         except _Invalid as e:
             raise DataError(path, line_no, e.field, e.what) from None
-    return finish(path, "demonstrations", demos, Counter(), stats, line_no)
+        count += len(demos)
+        yield from demos  # a line's instances go out once the whole line is checked, as before
+    report(path, "demonstrations", count, Counter(), stats, line_no)

@@ -69,6 +69,7 @@ class EncodedComparison:
     margins: list[float]
     source: str = ""
     truncated: int = 0  # rows truncated to max_length
+    index: int | None = None  # its row in a comparison dataset (the frozen-feature cache's key); None in a list
 
     @property
     def tokens(self) -> int:
@@ -100,6 +101,37 @@ def encode_comparison(tokenizer, c: Comparison, max_length: int, max_prompt_shar
         index.append(row_of[response])
     pairs, weights, margins = expand_comparison(c, margin_scale)
     return EncodedComparison(rows, [(index[b], index[w]) for b, w in pairs], weights, margins, c.source, truncated)
+
+
+def comparison_dataset(spec, tokenizer, *, max_length: int, max_prompt_share: float, margin_scale: float, score_range, cache_dir):
+    """(records, encoded): the comparisons of `spec` as a memory-mapped dataset (`data.record_dataset`), and
+    the same rows encoded as `encode_comparison` does (`data.tokenise`), with the columns rows, pairs,
+    weights, margins, source, truncated, length (its longest row: a batch pads to it), tokens, n_pairs,
+    n_rows, key and row. `encoded_from_row` turns a row back into an EncodedComparison."""
+    from datasets import List, Value
+
+    from ..data import record_dataset, record_from_row, tokenise
+
+    def encode(row: dict) -> dict:
+        e = encode_comparison(tokenizer, record_from_row(row, "comparisons"), max_length, max_prompt_share, margin_scale)
+        return {"rows": e.rows, "pairs": e.pairs, "weights": e.weights, "margins": e.margins, "source": e.source,
+                "truncated": e.truncated, "length": max(len(r) for r in e.rows), "tokens": e.tokens, "n_pairs": len(e.pairs), "n_rows": len(e.rows)}  # fmt: skip
+
+    ints, floats = List(Value("int32")), List(Value("float64"))
+    features = {
+        "rows": List(ints), "pairs": List(ints), "weights": floats, "margins": floats, "source": Value("string"),
+        "truncated": Value("int32"), "length": Value("int32"), "tokens": Value("int64"), "n_pairs": Value("int32"),
+        "n_rows": Value("int32"),
+    }  # fmt: skip
+    records = record_dataset(spec, "comparisons", cache_dir, score_range=score_range)
+    settings = {"max_length": max_length, "max_prompt_share": max_prompt_share, "margin_scale": margin_scale}
+    encoded = tokenise(records, encode, features, name="reward-comparisons", tokenizer=tokenizer, settings=settings, cache_dir=cache_dir)
+    return records, encoded
+
+
+def encoded_from_row(row: dict) -> EncodedComparison:
+    pairs = [(better, worse) for better, worse in row["pairs"]]
+    return EncodedComparison(row["rows"], pairs, row["weights"], row["margins"], row["source"], row["truncated"], row["row"])
 
 
 def response_scores(c: Comparison, row_scores: list[float]) -> list[float]:

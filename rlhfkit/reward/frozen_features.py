@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from ..data import Rows
 from .encoding import EncodedComparison, rows_to_batch
 
 log = logging.getLogger("rlhfkit.reward")
@@ -20,7 +21,13 @@ log = logging.getLogger("rlhfkit.reward")
 
 def cache_size_bytes(items: Sequence[EncodedComparison], hidden_size: int, dtype: torch.dtype = torch.float32) -> int:
     """Memory of the cached features of `items` once every row has been seen."""
-    return sum(item.tokens for item in items) * hidden_size * torch.empty(0, dtype=dtype).element_size()
+    tokens = int(items.column("tokens").sum()) if isinstance(items, Rows) else sum(item.tokens for item in items)
+    return tokens * hidden_size * torch.empty(0, dtype=dtype).element_size()
+
+
+def _key(item: EncodedComparison) -> int:
+    """A comparison read from a dataset is a new object at each access: its row names it; one in a list, its id."""
+    return item.index if item.index is not None else id(item)
 
 
 class FrozenFeatureCache:
@@ -28,21 +35,21 @@ class FrozenFeatureCache:
 
     def __init__(self, split: int):
         self.split = split
-        self.features: dict[int, list[torch.Tensor]] = {}  # id(comparison) -> one (tokens, hidden) tensor per row
+        self.features: dict[int, list[torch.Tensor]] = {}  # _key(comparison) -> one (tokens, hidden) tensor per row
         self.checked = False
 
     def batch(self, rm, micro: Sequence[EncodedComparison], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Frozen features of the rows of `micro` (in `batch`, right-padded), ``(B, T, H)``: the comparisons not
         seen yet go through the lower blocks first (all of them in the first epoch: in this very batch)."""
-        new = [item for item in micro if id(item) not in self.features]
+        new = [item for item in micro if _key(item) not in self.features]
         if new:
             fresh_batch = batch if len(new) == len(micro) else rows_to_batch([r for item in new for r in item.rows], 0, device=batch["input_ids"].device)
             fresh = rm.frozen_features(fresh_batch["input_ids"], fresh_batch["attention_mask"], self.split)
             row = 0
             for item in new:
-                self.features[id(item)] = [fresh[row + i, : len(r)].detach().cpu() for i, r in enumerate(item.rows)]
+                self.features[_key(item)] = [fresh[row + i, : len(r)].detach().cpu() for i, r in enumerate(item.rows)]
                 row += len(item.rows)
-        rows = [f for item in micro for f in self.features[id(item)]]
+        rows = [f for item in micro for f in self.features[_key(item)]]
         width = batch["input_ids"].shape[1]
         out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
         for i, f in enumerate(rows):

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..config import RewardConfig
-from ..data import Comparison, Demonstration, load_comparisons, load_demonstrations, split_by_prompt
+from ..data import Comparison, Demonstration, Rows, load_demonstrations, record_from_row, split_rows
 from ..distributed import even_batches, full_model, uses_fsdp, wrap_blocks
 from ..generate import model_path_of
 from ..models import enable_activation_checkpointing, load_tokenizer, resolve_model, transformer_blocks
@@ -32,7 +34,7 @@ from ..training import (
     total_steps_for,
     train_supervised,
 )
-from .encoding import EncodedComparison, encode_comparison, response_scores, rows_to_batch
+from .encoding import EncodedComparison, comparison_dataset, encode_comparison, encoded_from_row, response_scores, rows_to_batch
 from .evaluation import comparison_metrics, flat_metrics
 from .folder import save_reward_model
 from .frozen_features import FrozenFeatureCache, cache_size_bytes
@@ -50,6 +52,82 @@ def _encode_all(tokenizer, comparisons, cfg: RewardConfig) -> tuple[list[Encoded
     return encoded, sum(e.truncated for e in encoded), no_pairs
 
 
+def comparison_lengths(items: Sequence[EncodedComparison]):
+    """The longest row of each comparison (its rows pad to it): the dataset's length column, or one pass over a list."""
+    return items.column("length") if isinstance(items, Rows) else [max(len(r) for r in c.rows) for c in items]
+
+
+@dataclass
+class RewardData:
+    """What the reward step trains and evaluates on. `train` (the training comparisons with a strict pair)
+    and `train_comparisons` (all of them, for the normalisation) may be `data.Rows`, read from disk an item
+    at a time; the eval comparisons (at most max_eval_comparisons, those with a strict pair) are lists."""
+
+    train: Sequence[EncodedComparison]
+    train_comparisons: Sequence[Comparison]
+    eval_comparisons: list[Comparison]
+    eval_encoded: list[EncodedComparison]
+    n_pairs: int
+
+
+def load_reward_data(cfg: RewardConfig, tokenizer) -> RewardData:
+    """Read, split (by prompt) and encode the comparisons. The records are streamed into arrow files in the run
+    folder's data/, encoded by `Dataset.map` and memory-mapped (a resumed run reuses them), so a large set never
+    sits in Python lists. `load_comparisons` + `split_by_prompt` + `_encode_all` give the same items as lists."""
+
+    def dataset(spec):
+        return comparison_dataset(
+            spec, tokenizer, max_length=cfg.max_length, max_prompt_share=cfg.max_prompt_share, margin_scale=cfg.margin_scale,
+            score_range=cfg.score_range, cache_dir=Path(cfg.output_dir) / "data",
+        )  # fmt: skip
+
+    def comparison_from_row(row: dict) -> Comparison:
+        return record_from_row(row, "comparisons")
+
+    records, encoded = dataset(cfg.data)
+    if cfg.eval_data is not None:
+        eval_records, eval_encoded = dataset(cfg.eval_data)
+        train_rows, eval_rows = np.arange(len(encoded)), np.arange(len(eval_encoded))
+    else:
+        eval_records, eval_encoded = records, encoded
+        train_rows, eval_rows = split_rows(encoded, cfg.eval_fraction, seed=cfg.seed)
+    all_train = Rows(encoded, encoded_from_row, train_rows)
+    pairs = all_train.column("n_pairs")
+    train = all_train.subset(np.flatnonzero(pairs > 0))
+    eval_rows = eval_rows[: cfg.max_eval_comparisons]
+    eval_rows = eval_rows[Rows(eval_encoded, encoded_from_row, eval_rows).column("n_pairs") > 0]
+    eval_enc = list(Rows(eval_encoded, encoded_from_row, eval_rows))
+    n_cut, n_cut_eval, n_empty = int(train.column("truncated").sum()), sum(e.truncated for e in eval_enc), int((pairs == 0).sum())
+    log.info(
+        "reward data: %d train comparisons (%d pairs, %d rows) / %d eval comparisons; %d train and %d eval rows "
+        "truncated to %d tokens%s",
+        len(train), int(pairs.sum()), int(train.column("n_rows").sum()), len(eval_enc), n_cut, n_cut_eval, cfg.max_length,
+        f"; {n_empty} comparisons without a strict pair left out" if n_empty else "",
+    )  # fmt: skip
+    if not len(train):
+        raise ValueError(f"{cfg.data}: no training comparisons with a strict pair")
+    return RewardData(
+        train=train,
+        train_comparisons=Rows(records, comparison_from_row, train_rows),
+        eval_comparisons=list(Rows(eval_records, comparison_from_row, eval_rows)),
+        eval_encoded=eval_enc,
+        n_pairs=int(pairs.sum()),
+    )
+
+
+def _sample_flat(items: Sequence, parts: Callable[[Any], list], limit: int, seed: int) -> tuple[list, bool]:
+    """([x for item in items for x in parts(item)], False), or (a `random.Random(seed).sample` of `limit` of them,
+    True): the same sample as of the whole list, without making the whole list (`items` may be read from disk)."""
+    counts = np.fromiter((len(parts(item)) for item in items), dtype=np.int64, count=len(items))
+    total = int(counts.sum())
+    if total <= limit:
+        return [x for item in items for x in parts(item)], False
+    starts = np.cumsum(counts) - counts
+    picks = random.Random(seed).sample(range(total), limit)  # random.sample picks by position only
+    items_of = np.searchsorted(starts, picks, side="right") - 1
+    return [parts(items[int(i)])[j - int(starts[i])] for i, j in zip(items_of, picks)], True
+
+
 def reference_responses(cfg: RewardConfig, train: Sequence[Comparison]) -> tuple[list[tuple[list[dict], str]], str]:
     """(messages, response) pairs whose mean score is set to 0, and a description of where they came from."""
     if cfg.reference_data is not None:
@@ -61,14 +139,17 @@ def reference_responses(cfg: RewardConfig, train: Sequence[Comparison]) -> tuple
         else:
             log.warning("no reference demonstration has a training prompt; using all %d of %s", len(demos), cfg.reference_data)
             chosen, what = demos, f"all {len(demos)} demonstrations of {cfg.reference_data}"
-        refs = [(d.messages, d.response) for d in chosen]
+        items, parts = [(d.messages, d.response) for d in chosen], lambda ref: [ref]
     else:
-        refs = [(c.messages, c.responses[i]) for c in train for i in c.ranking[0]]
-        what = f"best responses of the {len(train)} training comparisons"
-    if len(refs) > cfg.max_reference_examples:
-        refs = random.Random(cfg.seed).sample(refs, cfg.max_reference_examples)
+        items, parts, what = train, _best_responses, f"best responses of the {len(train)} training comparisons"
+    refs, sampled = _sample_flat(items, parts, cfg.max_reference_examples, cfg.seed)
+    if sampled:
         what += f" (sample of {cfg.max_reference_examples})"
     return refs, what
+
+
+def _best_responses(c: Comparison) -> list[tuple[list[dict], str]]:
+    return [(c.messages, c.responses[i]) for i in c.ranking[0]]
 
 
 @torch.no_grad()
@@ -97,10 +178,7 @@ def normalisation_stats(
 
 def spread_responses(cfg: RewardConfig, train: Sequence[Comparison]) -> list[tuple[list[dict], str]]:
     """All responses of the training comparisons (a sample), for the std of the scores."""
-    every = [(c.messages, r) for c in train for r in c.responses]
-    if len(every) > cfg.max_reference_examples:
-        every = random.Random(cfg.seed + 1).sample(every, cfg.max_reference_examples)
-    return every
+    return _sample_flat(train, lambda c: [(c.messages, r) for r in c.responses], cfg.max_reference_examples, cfg.seed + 1)[0]
 
 
 def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
@@ -116,24 +194,10 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
 
     base = model_path_of(cfg.model)  # an SFT run folder stands for its final model
     tokenizer = load_tokenizer(base)
-    comparisons = load_comparisons(cfg.data, score_range=cfg.score_range)
-    if cfg.eval_data is not None:
-        train_cmp, eval_cmp = comparisons, load_comparisons(cfg.eval_data, score_range=cfg.score_range)
-    else:
-        train_cmp, eval_cmp = split_by_prompt(comparisons, cfg.eval_fraction, seed=cfg.seed)
-    eval_cmp = eval_cmp[: cfg.max_eval_comparisons]
-    train_enc, n_cut, n_empty = _encode_all(tokenizer, train_cmp, cfg)
-    eval_enc, n_cut_eval, _ = _encode_all(tokenizer, eval_cmp, cfg)
-    eval_cmp = [c for c in eval_cmp if c.pairs()]
-    n_pairs = sum(len(e.pairs) for e in train_enc)
-    log.info(
-        "reward data: %d train comparisons (%d pairs, %d rows) / %d eval comparisons; %d train and %d eval rows "
-        "truncated to %d tokens%s",
-        len(train_enc), n_pairs, sum(len(e.rows) for e in train_enc), len(eval_enc), n_cut, n_cut_eval, cfg.max_length,
-        f"; {n_empty} comparisons without a strict pair left out" if n_empty else "",
-    )  # fmt: skip
-    if not train_enc:
-        raise ValueError(f"{cfg.data}: no training comparisons with a strict pair")
+    with accelerator.main_process_first():  # the main process writes the data files, the others read them
+        data = load_reward_data(cfg, tokenizer)
+    train_enc, train_cmp, n_pairs = data.train, data.train_comparisons, data.n_pairs
+    eval_cmp, eval_enc = data.eval_comparisons, data.eval_encoded
 
     # One comparison (one prompt) is one item of weight 1: the loop divides the summed per-prompt
     # losses by the number of prompts in the global batch, so every prompt weighs the same.
@@ -145,7 +209,7 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         process_index=accelerator.process_index,
         seed=cfg.seed,
         weight=lambda c: 1.0,
-        length=(lambda c: max(len(r) for r in c.rows)) if cfg.group_by_length else None,  # rows pad to the longest
+        lengths=comparison_lengths(train_enc) if cfg.group_by_length else None,  # rows pad to the longest
     )
     rm = build_reward_model(base, tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
     if cfg.gradient_checkpointing:
