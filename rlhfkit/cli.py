@@ -283,10 +283,10 @@ def chat(
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
-    from .config import ConfigError, _merge, parse_overrides
+    from .config import ConfigError, merge_dicts, parse_overrides
 
     try:
-        extra = _merge(parse_overrides(list(ctx.args)), overrides)
+        extra = merge_dicts(parse_overrides(list(ctx.args)), overrides)
     except ConfigError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2)

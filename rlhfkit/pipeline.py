@@ -240,7 +240,7 @@ def _nested(overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _method_config(cfg: PipelineConfig, method, output_dir: str, ref, ppo_prompts, reward_data):
     """One step-3 method's plain config: its section (`ppo` or `dpo`), its overrides, the pipeline's wiring."""
-    from .config import _merge
+    from .config import merge_dicts
 
     label = method.label
     if method.algorithm == "dpo":
@@ -256,7 +256,7 @@ def _method_config(cfg: PipelineConfig, method, output_dir: str, ref, ppo_prompt
             data["prompts"] = ppo_prompts  # without the evaluation's held-out prompts
         if method.algorithm != "ppo":
             data["algorithm"] = method.algorithm
-    data = _merge(data, _nested(method.overrides))
+    data = merge_dicts(data, _nested(method.overrides))
     data["output_dir"] = output_dir
     if method.algorithm == "dpo":
         data["model"] = ref(label, "model", data["model"], ("sft",))
