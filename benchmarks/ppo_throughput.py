@@ -85,7 +85,10 @@ def prepare(args, work: Path) -> dict:
     if not (reward_dir / "config.json").exists():
         torch.manual_seed(0)
         rm = build_reward_model(str(policy_dir), tokenizer)
-        save_reward_model(rm, tokenizer, reward_dir, {"mean": 0.0, "std": 1.0, "base_model": args.model, "lora": False})
+        # As if `rlhfkit reward` had trained it at the benchmark's precision (the pipeline runs every step in one
+        # precision): PPO scores a reward model in the precision its statistics were measured in.
+        stats = {"mean": 0.0, "std": 1.0, "base_model": args.model, "lora": False, "precision": args.precision}
+        save_reward_model(rm, tokenizer, reward_dir, stats)
     needed = args.prompts * (args.iterations + args.warmup)
     prompts, ids = [], []
     for messages in load_prompts(str(ROOT / "examples/data/prompts.jsonl")):
