@@ -114,6 +114,20 @@ def make_accelerator(cfg: TrainingSettings) -> Accelerator:
     return accelerator
 
 
+def start_run(cfg: TrainingSettings) -> tuple[RunDir, Accelerator | None]:
+    """What a training step does first: (run, None) if the run is complete (nothing to do); else (run, accelerator)
+    with the seed set and the resolved config saved in the run folder."""
+    run = RunDir(cfg.output_dir)
+    if run.is_done():
+        log.info("%s is complete; nothing to do", run.final)
+        return run, None
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    if accelerator.is_main_process:
+        save_run_config(cfg, run)
+    return run, accelerator
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainingSettings) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
     decay, no_decay = [], []

@@ -25,12 +25,9 @@ from ..generate import model_path_of
 from ..models import enable_activation_checkpointing, load_tokenizer, resolve_model, transformer_blocks
 from ..training import (
     DataPlan,
-    RunDir,
-    make_accelerator,
     make_optimizer,
     make_scheduler,
-    save_run_config,
-    seed_everything,
+    start_run,
     total_steps_for,
     train_supervised,
 )
@@ -183,14 +180,9 @@ def spread_responses(cfg: RewardConfig, train: Sequence[Comparison]) -> list[tup
 
 def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
     """Train, normalise, evaluate and save; returns the final reward model folder. Resumes if interrupted."""
-    run = RunDir(cfg.output_dir)
-    if run.is_done():
-        log.info("%s is complete; nothing to do", run.final)
+    run, accelerator = start_run(cfg)
+    if accelerator is None:
         return run.final
-    accelerator = make_accelerator(cfg)
-    seed_everything(cfg.seed)
-    if accelerator.is_main_process:
-        save_run_config(cfg, run)
 
     base = model_path_of(cfg.model)  # an SFT run folder stands for its final model
     tokenizer = load_tokenizer(base)

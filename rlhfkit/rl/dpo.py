@@ -42,11 +42,9 @@ from ..tokens import IGNORE_INDEX, Example, collate, encode_prompt, encode_respo
 from ..training import (
     DataPlan,
     RunDir,
-    make_accelerator,
     make_optimizer,
     make_scheduler,
-    save_run_config,
-    seed_everything,
+    start_run,
     total_steps_for,
     train_supervised,
 )
@@ -263,14 +261,9 @@ def dpo_batch_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, mi
 
 def run_dpo(cfg: DPOConfig, stop_after: int | None = None) -> Path:
     """Train, evaluate and save; returns the folder of the final model. Resumes if interrupted."""
-    run = RunDir(cfg.output_dir)
-    if run.is_done():
-        log.info("%s is complete; nothing to do", run.final)
+    run, accelerator = start_run(cfg)
+    if accelerator is None:
         return run.final
-    accelerator = make_accelerator(cfg)
-    seed_everything(cfg.seed)
-    if accelerator.is_main_process:
-        save_run_config(cfg, run)
     tokenizer = load_tokenizer(model_path_of(cfg.model))
     pad_id = tokenizer.pad_token_id
 
