@@ -134,13 +134,13 @@ def full_model(accelerator: Accelerator, wrapped: torch.nn.Module, rebuild: Call
         return None
     model = rebuild()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in _tied_names(model)]
+    missing = [k for k in missing if k not in tied_names(model)]
     if missing or unexpected:
         raise RuntimeError(f"gathering the sharded model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
 
 
-def _tied_names(model: torch.nn.Module) -> set[str]:
+def tied_names(model: torch.nn.Module) -> set[str]:
     """Names of parameters that share storage with an earlier one (tied embeddings): the gathered state dict may list one."""
     seen, tied = {}, set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -180,6 +180,10 @@ def gathered(accelerator: Accelerator, model: torch.nn.Module):
         return
     from torch.distributed.fsdp import FSDPModule
 
+    if isinstance(model, FSDPModule):
+        # Set up the root now (FSDP does it in the first forward of a root): a block that ran first outside the
+        # root's forward (generation calls the policy, not the module around it) would take the root's place.
+        model._get_fsdp_state()._lazy_init()
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     # FSDP keeps no public getter; each unit's setting is read from its parameter groups to restore it on exit.
     before = [any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups) for m in units]

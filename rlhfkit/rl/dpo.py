@@ -35,6 +35,7 @@ import torch
 
 from ..config import DPOConfig
 from ..data import Comparison, load_comparisons, split_by_prompt
+from ..distributed import even_share, full_model, wrap_blocks
 from ..generate import model_path_of
 from ..models import backbone_and_head, enable_activation_checkpointing, load_causal_lm, load_tokenizer, save_model
 from ..reward import comparison_metrics, expand_comparison, flat_metrics, response_scores
@@ -285,6 +286,7 @@ def run_dpo(cfg: DPOConfig, stop_after: int | None = None) -> Path:
     wrapped = ResponseLogprobs(policy)
     optimizer = make_optimizer(wrapped, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps_for(plan, cfg))
+    wrap_blocks(accelerator, wrapped)  # FSDP2 only: one shard unit per transformer block (the reference pass ran before, whole)
     wrapped, optimizer, scheduler = accelerator.prepare(wrapped, optimizer, scheduler)
 
     # 3. the loss of one micro-batch of prompts
@@ -303,9 +305,10 @@ def run_dpo(cfg: DPOConfig, stop_after: int | None = None) -> Path:
         if not eval_items:
             return {}
         wrapped.eval()
-        mine = range(accelerator.process_index, len(eval_items), accelerator.num_processes)
-        logps = logprobs_of(wrapped, [eval_items[i] for i in mine], pad_id, cfg.batch_size, accelerator)
-        rewards = {i: implicit_reward(lp, reference["eval"][i], cfg.beta).tolist() for i, lp in zip(mine, logps)}
+        # under FSDP every process runs equally many forward passes: the padding's results are dropped
+        mine, real = even_share(range(len(eval_items)), accelerator, cfg.batch_size)
+        logps = logprobs_of(wrapped, [eval_items[i] for i in mine], pad_id, cfg.batch_size, accelerator)[:real]
+        rewards = {i: implicit_reward(lp, reference["eval"][i], cfg.beta).tolist() for i, lp in zip(mine[:real], logps)}
         if accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
@@ -325,12 +328,14 @@ def run_dpo(cfg: DPOConfig, stop_after: int | None = None) -> Path:
     if not result.finished:  # stopped early (tests simulate a crash this way)
         return run.path
 
-    # 5. save like SFT, with the held-out accuracy beside it
+    # 5. save like SFT, with the held-out accuracy beside it (under FSDP2 gathered whole on the main process first)
+    rebuild = lambda: ResponseLogprobs(load_causal_lm(model_path_of(cfg.model), tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers))  # noqa: E731
+    trained = full_model(accelerator, wrapped, rebuild)
     if accelerator.is_main_process:
         what = {"data": cfg.eval_data if cfg.eval_data is not None else f"{cfg.eval_fraction:.0%} of the prompts of {cfg.data} (seed {cfg.seed})",
                 "measure": "implicit reward beta * (log pi - log pi_ref) as a reward model's score", "beta": cfg.beta, "objective": cfg.loss}  # fmt: skip
         (run.path / ACCURACY_FILE).write_text(json.dumps({**what, **heldout}, indent=1, default=str))
-        save_model(accelerator.unwrap_model(wrapped).model, tokenizer, run.final, merge_lora=cfg.lora.merge_on_save)
+        save_model(trained.model, tokenizer, run.final, merge_lora=cfg.lora.merge_on_save)
     accelerator.wait_for_everyone()
     return run.final
 

@@ -16,6 +16,11 @@ Memory layout (W = one network's weights):
 * `train_top_layers: N`: only the top N blocks train (with LoRA: only they carry adapters). The blocks
   below are frozen and shared by policy and reference (and by reward model and critic); their output can
   be computed once per rollout (`rlhfkit.rl.frozen_cache`).
+* sharded (FSDP2, `build_networks(..., sharded=True)`): the trained module (policy, critic, value head)
+  is sharded by the trainer; networks share no tensors (a sharded copy cannot share with a whole one): the
+  full fine-tuning reference is its own frozen copy, sharded too; the reward model is kept whole on each
+  process, in the fp32 weights its statistics were measured with, and a critic on its base gets its own copy
+  (sharded); the frozen-block cache is off (see `rlhfkit.distributed`).
 """
 
 from __future__ import annotations
@@ -183,9 +188,10 @@ class ActorCritic(torch.nn.Module):
             return None
         with self.adapter(CRITIC_ADAPTER):
             hidden = response_hidden(self.critic_body(), batch, frozen, self.critic_split)
-        # the head runs in fp32 (it is tiny; bf16 values would be coarse)
+        # the head runs in its weights' dtype, fp32 (it is tiny; bf16 values would be coarse), unless FSDP2's bf16
+        # policy gathers every weight in bf16
         with torch.autocast(hidden.device.type, enabled=False):
-            return self.value_head(hidden.float()).squeeze(-1)
+            return self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
 
     def forward(
         self, prompt_ids, prompt_mask, response_ids, mask, with_entropy: bool = False, ptx: dict | None = None,
@@ -271,6 +277,17 @@ def _copy_sharing(model: torch.nn.Module, shared: list[torch.nn.Parameter]) -> t
     return copy.deepcopy(model, {id(p): p for p in shared})
 
 
+def _copy_frozen_below(model: torch.nn.Module, frozen: list[torch.nn.Parameter], share: bool) -> torch.nn.Module:
+    """A deep copy of ``model`` whose ``frozen`` parameters (the blocks below train_top_layers) do not train:
+    the original tensors (``share``), or frozen copies of them (sharded runs: no tensor in two networks)."""
+    frozen_ids = {id(p) for p in frozen}
+    names = {n for n, p in model.named_parameters() if id(p) in frozen_ids}
+    out = _copy_sharing(model, frozen if share else [])
+    for name, p in out.named_parameters():
+        p.requires_grad_(name not in names)
+    return out
+
+
 def _store_frozen_as(dtype: torch.dtype, module: torch.nn.Module) -> None:
     """Cast the frozen floating-point parameters of ``module`` to ``dtype`` in place."""
     for p in module.parameters():
@@ -288,8 +305,18 @@ def value_head_from_reward(rm_head: torch.nn.Linear, mean: float, std: float) ->
     return head
 
 
-def build_networks(cfg: PPOConfig, device) -> Networks:
-    """Load the SFT policy, the reference, the reward model and (PPO) the critic (see the module docstring)."""
+def load_policy(cfg: PPOConfig, tokenizer) -> torch.nn.Module:
+    """The SFT policy in fp32 (dropout off), with the "policy" adapter when LoRA is on (on the top blocks only with
+    train_top_layers)."""
+    policy = load_causal_lm(model_path_of(cfg.policy_model), tokenizer, dtype=torch.float32)
+    if cfg.lora.enabled:
+        policy = apply_lora(policy, cfg.lora, adapter_name=POLICY_ADAPTER, top_layers=cfg.train_top_layers)
+    return policy
+
+
+def build_networks(cfg: PPOConfig, device, sharded: bool = False) -> Networks:
+    """Load the SFT policy, the reference, the reward model and (PPO) the critic (see the module docstring).
+    ``sharded``: the trainer will shard them (FSDP2): no tensor shared between networks, no frozen-block cache."""
     from ..reward import load_reward_model, reads_policy_vocabulary, shares_tokens
 
     with_critic = cfg.algorithm == "ppo"
@@ -312,29 +339,24 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
         sync_model_with_tokenizer(rm.lm, tokenizer)  # the policy's pad row, which the critic reads (masked)
         rm.lm.config.pad_token_id = rm_pad
 
-    policy = load_causal_lm(policy_path, tokenizer, dtype=torch.float32)  # dropout off
+    policy = load_policy(cfg, tokenizer)
     lora, top = cfg.lora.enabled, cfg.train_top_layers
     reward_base_peft = critic_backbone = None
     if not lora:
         # With train_top_layers the frozen lower blocks are one set of tensors: the reference shares
         # the policy's, the critic shares the reward model's (deepcopy with those tensors memoised).
         train_only_top_layers(policy, top)
-        reference = _freeze(_copy_sharing(policy, parameters_below_top_layers(policy, top)))
+        reference = _freeze(_copy_frozen_below(policy, parameters_below_top_layers(policy, top), share=not sharded))
         layout = "full fine-tuning: policy, frozen reference copy, frozen reward model"
         if with_critic:
             source = rm.lm if critic_from_reward else policy
-            shared = parameters_below_top_layers(source, top)
-            critic_backbone = backbone_and_head(_copy_sharing(source, shared))[0]
-            shared_ids = {id(q) for q in shared}
-            for p in critic_backbone.parameters():
-                p.requires_grad_(id(p) not in shared_ids)
+            critic_backbone = backbone_and_head(_copy_frozen_below(source, parameters_below_top_layers(source, top), share=not sharded))[0]
             layout = "full fine-tuning: policy, frozen reference copy, critic, frozen reward model (4 networks)"
         if top:
-            layout += f"; only the top {top} blocks train, the blocks below are shared by policy and reference" + (
-                ", critic and reward model" if with_critic else "")  # fmt: skip
+            layout += f"; only the top {top} blocks train" + ("" if sharded else ", the blocks below are shared by policy and reference" + (
+                ", critic and reward model" if with_critic else ""))  # fmt: skip
     else:  # with train_top_layers, adapters on the top blocks only
         reference = None
-        policy = apply_lora(policy, cfg.lora, adapter_name=POLICY_ADAPTER, top_layers=top)
         layout = "LoRA: SFT base with adapter 'policy' (reference = adapter disabled) + frozen reward model (2 base networks)"
         if with_critic and cfg.critic_init == "policy":
             policy.add_adapter(CRITIC_ADAPTER, lora_config(cfg.lora, model=policy, top_layers=top))
@@ -345,14 +367,18 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
             )
         elif with_critic:
             # task_type None: a plain PeftModel (a sequence classifier is no causal LM); the critic reads its body.
-            reward_base_peft = apply_lora(rm.lm, cfg.lora, adapter_name=CRITIC_ADAPTER, task_type=None, top_layers=top)
-            critic_backbone = backbone_and_head(reward_base_peft)[0]
+            # Sharded: on its own copy of the reward model's base (the reward model stays whole, in fp32).
+            critic_base = apply_lora(copy.deepcopy(rm.lm) if sharded else rm.lm, cfg.lora, adapter_name=CRITIC_ADAPTER, task_type=None, top_layers=top)
+            reward_base_peft = None if sharded else critic_base
+            critic_backbone = backbone_and_head(critic_base)[0]
             layout = (
                 "LoRA: SFT base with adapter 'policy' (reference = adapter disabled) + reward-model base with "
-                "adapter 'critic' (reward model = adapter disabled) (2 base networks)"
+                + ("adapter 'critic' + the reward model (3 base networks)" if sharded else "adapter 'critic' (reward model = adapter disabled) (2 base networks)")
             )
         if top:
             layout += f"; adapters on the top {top} blocks only"
+    if sharded:
+        layout += "; sharded (FSDP2): no tensor shared between networks, the reward model whole on each process"
     _freeze(rm)  # the reward model (and, with LoRA, its base) is frozen; the critic adapter is re-enabled below
 
     value_head = None
@@ -367,7 +393,9 @@ def build_networks(cfg: PPOConfig, device) -> Networks:
     # The frozen blocks below the top `top` ones compute the same for every network on their base and
     # for every epoch: with cache_frozen_activations their output is computed once per rollout.
     policy_split = reward_split = 0
-    if top and cfg.cache_frozen_activations:
+    if top and cfg.cache_frozen_activations and sharded:
+        log.info("cache_frozen_activations is off under FSDP2: the cache assumes every network's frozen blocks whole on each process")
+    elif top and cfg.cache_frozen_activations:
         policy_split = len(transformer_blocks(policy)) - top
         reward_split = len(transformer_blocks(rm.lm)) - top if critic_from_reward else 0
         layout += "; the output of the frozen blocks below is computed once per rollout"

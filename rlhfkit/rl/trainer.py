@@ -7,6 +7,13 @@ trained networks are one DDP module (`ActorCritic`), so one backward syncs all; 
 sum over its units (tokens or responses, `token_weights`) divided by the minibatch's units over all
 processes; the logged statistics are reduced over processes.
 
+Sharded (FSDP2, `configs/accelerate/fsdp2.yaml`): the same module is sharded by transformer block, and so is
+a full fine-tuning reference (`shard_frozen`); the reward model is kept whole. Sampling and the experience
+passes run inside `gathered`: the shards are all-gathered once for each phase of a rollout (not once per
+token), and the processes then run their own, unequal, forward passes; the training passes are collectives
+(every process runs as many micro-batches). Checkpoints are accelerate's distributed checkpoint; the final
+policy is gathered whole on the main process.
+
 Phases and their metrics: `time/generation` (sampling), `time/scoring` (reward model, reference and
 rollout-policy log-probs, values), `time/training` (the epochs). `tokens_per_s/generation` counts generated
 response tokens; `tokens_per_s/scoring` and `tokens_per_s/training` count prompt + response tokens read
@@ -29,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..config import PPOConfig
 from ..data import load_demonstrations, load_prompts
+from ..distributed import gathered, shard_frozen, tied_names, uses_fsdp, wrap_blocks
 from ..losses import batch_to_inputs, trained_tokens
 from ..models import save_model
 from ..tokens import encode_example
@@ -46,7 +54,7 @@ from ..training import (
 from .frozen_cache import FrozenCache
 from .kl_control import AdaptiveKLController, FixedKLController
 from .math import clipped_surrogate, k3_in_loss, masked_mean, weighted_token_sum
-from .networks import CRITIC_ADAPTER, POLICY_ADAPTER, ActorCritic, build_networks, model_inputs
+from .networks import CRITIC_ADAPTER, POLICY_ADAPTER, ActorCritic, build_networks, load_policy, model_inputs
 from .rollout import Experience, Rollout, Samples, sample
 
 log = logging.getLogger("rlhfkit.rl")
@@ -165,7 +173,8 @@ class OnlineTrainer:
         if acc.is_main_process:
             save_run_config(cfg, self.run)
 
-        self.nets = build_networks(cfg, acc.device)
+        self.sharded = uses_fsdp(acc)
+        self.nets = build_networks(cfg, acc.device, sharded=self.sharded)
         self.tokenizer = self.nets.tokenizer
         log.info("%s layout: %s", cfg.algorithm.upper(), self.nets.layout)
         log.info("the reward model scores in %s with fp32 weights, as its statistics were measured", self.nets.rm_stats.get("precision", "fp32"))
@@ -181,14 +190,19 @@ class OnlineTrainer:
         self.ptx_plan = self._ptx_plan() if cfg.ptx_data else None
 
         policy_names, critic_names = self.nets.trainable_names()
-        params = dict(self.nets.actor_critic.named_parameters())
-        self.policy_params = [params[name] for name in policy_names]
-        self.critic_params = [params[name] for name in critic_names]
-        optimizer = make_optimizer([(self.policy_params, cfg.learning_rate), (self.critic_params, cfg.critic_learning_rate or cfg.learning_rate)], cfg)
+        optimizer = make_optimizer([(self.role_params(policy_names), cfg.learning_rate),
+                                    (self.role_params(critic_names), cfg.critic_learning_rate or cfg.learning_rate)], cfg)  # fmt: skip
         scheduler = make_scheduler(optimizer, cfg, self.total * cfg.ppo_epochs * self.n_minibatches)  # scales every group's lr
-        register_trainable_checkpointing(acc, self.nets.actor_critic)
+        if not self.sharded:  # (sharded: accelerate's distributed checkpoint, each process its shard of everything)
+            register_trainable_checkpointing(acc, self.nets.actor_critic)
+        wrap_blocks(acc, self.nets.actor_critic)  # FSDP2 only: one shard unit per transformer block
         self.model, self.optimizer, self.scheduler = acc.prepare(self.nets.actor_critic, optimizer, scheduler)
         self.ac: ActorCritic = acc.unwrap_model(self.model)
+        # FSDP2 replaces every parameter by its shard: the roles' parameters are looked up again by name
+        self.ac.freeze_trainable_set()
+        self.policy_params, self.critic_params = self.role_params(policy_names), self.role_params(critic_names)
+        if self.sharded and self.nets.reference is not None:
+            self.nets.reference = shard_frozen(acc, self.nets.reference)
         self.kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.init_kl_coef)
         self.checkpointer = Checkpointer(self.run, acc, cfg.keep_checkpoints)
         self.samples_file = self.run.path / "samples.jsonl"
@@ -196,6 +210,10 @@ class OnlineTrainer:
         self.experience_of = Experience(cfg, self.nets, acc)
         self.iteration_index = 0
         self.last_rollout: Rollout | None = None
+
+    def role_params(self, names: list[str]) -> list[torch.nn.Parameter]:
+        params = dict(self.nets.actor_critic.named_parameters())
+        return [params[name] for name in names]
 
     def _ptx_plan(self) -> DataPlan:
         demos = load_demonstrations(self.cfg.ptx_data)
@@ -212,13 +230,17 @@ class OnlineTrainer:
 
     def sample(self, messages: list) -> Samples:
         """k responses per prompt, cut after the first EOS."""
-        return sample(self.ac, self.tokenizer, messages, self.cfg.generation, self.k, self.accelerator.device, self.accelerator.autocast())
+        with gathered(self.accelerator, self.model):  # FSDP2: the policy's shards gathered once, not once per token
+            return sample(self.ac, self.tokenizer, messages, self.cfg.generation, self.k, self.accelerator.device, self.accelerator.autocast())
 
     def experience(self, samples: Samples) -> Rollout:
         """Scores, log-probs, values and KL of the samples, once per rollout, on the first epoch's micro-batches."""
         micro_batches = self.rollout_micro_batches(samples)
-        frozen = self.frozen_cache.compute(samples, micro_batches)  # train_top_layers: the frozen blocks' output
-        return self.experience_of(samples, micro_batches, frozen, self.iteration_index + 1)
+        reference = self.nets.reference
+        # FSDP2: the trained networks' and the reference's shards gathered once for all these passes
+        with gathered(self.accelerator, self.model), gathered(self.accelerator, reference) if reference is not None else contextlib.nullcontext():
+            frozen = self.frozen_cache.compute(samples, micro_batches)  # train_top_layers: the frozen blocks' output
+            return self.experience_of(samples, micro_batches, frozen, self.iteration_index + 1)
 
     def minibatches(self, n_rows: int, iteration: int, epoch: int) -> tuple[torch.Tensor, ...]:
         """This process's minibatches (row indices) of one epoch: a shuffle seeded by run, iteration, epoch, process."""
@@ -417,15 +439,33 @@ class OnlineTrainer:
         metrics_log.close()
         if stopped:
             return self.run.path
+        policy = self.final_policy()
         if acc.is_main_process:
-            self.save_final()
+            self.save_final(policy)
         acc.wait_for_everyone()
         return self.run.final
 
-    def save_final(self) -> None:
-        """The tuned policy in final/ (LoRA merged unless merge_on_save is false); ppo_state.json (algorithm,
-        iterations, final beta and KL-controller state, inputs, layout) in the run folder and in final/."""
-        policy = self.ac.policy
+    def final_policy(self) -> torch.nn.Module | None:
+        """The tuned policy, whole, on the main process (None on the others); every process calls it. Under FSDP2
+        the shards are gathered (accelerate's `get_state_dict`) into a fresh unsharded copy of the policy."""
+        if not self.sharded:
+            return self.ac.policy if self.accelerator.is_main_process else None
+        state = self.accelerator.get_state_dict(self.model)
+        if not self.accelerator.is_main_process:
+            return None
+        policy = load_policy(self.cfg, self.tokenizer)
+        mine = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.") and f".{CRITIC_ADAPTER}." not in k}
+        missing, unexpected = policy.load_state_dict(mine, strict=False)
+        missing = [k for k in missing if k not in tied_names(policy)]
+        if missing or unexpected:
+            raise RuntimeError(f"gathering the sharded policy: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return policy
+
+    def save_final(self, policy: torch.nn.Module | None = None) -> None:
+        """The tuned policy (`final_policy`; the trained one itself when unsharded) in final/ (LoRA merged unless
+        merge_on_save is false); ppo_state.json (algorithm, iterations, final beta and KL-controller state, inputs,
+        layout) in the run folder and in final/."""
+        policy = self.ac.policy if policy is None else policy
         if hasattr(policy, "merge_and_unload"):
             policy = copy.deepcopy(policy)
             if CRITIC_ADAPTER in policy.peft_config:
