@@ -1,7 +1,7 @@
-"""Peak memory per process, DDP against FSDP2, for SFT and the reward step (2 CPU processes by default).
+"""Peak memory per process, DDP against FSDP2, for SFT, the reward step, PPO and DPO (2 CPU processes by default).
 
     python benchmarks/distributed_memory.py [--model default] [--processes 2] [--steps 3] [--max-length 256]
-                                            [--batch 2] [--layouts ddp,fsdp2] [--steps-to-run sft,reward]
+                                            [--batch 2] [--layouts ddp,fsdp2] [--steps-to-run sft,reward,ppo,dpo]
                                             [--lora] [--output-dir runs/bench-distributed-memory] [--results FILE]
 
 Each (step, layout) is the real command, `accelerate launch --config_file configs/accelerate/<layout>.yaml
@@ -11,7 +11,10 @@ share of the model's parameters each process holds comes from the step's own log
 of trained and Y MB of frozen parameters": a shard under FSDP2). Gradients and AdamW's two moments follow the
 trained parameters, so under FSDP2 each process holds about 1/N of 4x the trained weights' bytes; activations,
 the Python/torch runtime (~0.4 GB) and, at the end, the whole model gathered on process 0 for saving are not
-sharded. fp32 throughout (bf16 halves the working copies but not the fp32 master weights and optimiser state).
+sharded. PPO (`--steps` iterations of `--batch` prompts per process, `--max-new-tokens`, a stand-in reward model
+on the same backbone with a random head, critic from it) holds the policy, critic, reference and reward model;
+under FSDP2 the reward model stays whole and each rollout phase gathers the sharded networks whole. DPO computes
+its reference log-probs with a whole SFT copy before sharding (as without FSDP), then trains sharded. fp32 throughout (bf16 halves the working copies but not the fp32 master weights and optimiser state).
 Smoke test: `--model <tiny model folder> --steps 1 --max-length 32`.
 """
 
@@ -31,7 +34,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD = re.compile(r"process (\d+) holds ([\d.]+) MB of trained and ([\d.]+) MB of frozen parameters")
-DATA = {"sft": "examples/data/sft_demos.jsonl", "reward": "examples/data/hh_pairs.jsonl"}
+DATA = {"sft": "examples/data/sft_demos.jsonl", "reward": "examples/data/hh_pairs.jsonl", "ppo": "examples/data/prompts.jsonl",
+        "dpo": "examples/data/hh_pairs.jsonl"}
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -48,14 +52,41 @@ def peak_rss_bytes(pid: int) -> int:
         return 0
 
 
+def stand_in_reward_model(args, out: Path) -> Path:
+    """PPO's reward model: the backbone with a random scalar head (memory does not depend on what it learned)."""
+    import torch
+
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.reward import build_reward_model, save_reward_model
+
+    folder = out / "stand-in-reward-model"
+    if not (folder / "config.json").exists():
+        tokenizer = load_tokenizer(args.model)
+        torch.manual_seed(0)
+        save_reward_model(build_reward_model(args.model, tokenizer), tokenizer, folder, {"mean": 0.0, "std": 1.0, "base_model": args.model, "lora": False})
+    return folder
+
+
+def step_args(step: str, args, out: Path) -> list[str]:
+    common = ["--output_dir", str(out), "--max_steps", str(args.steps), "--precision", "fp32", "--checkpoint_every", "0"]
+    if step == "ppo":
+        prompts = args.batch * args.processes
+        return common + [
+            "--policy_model", args.model, "--reward_model", str(stand_in_reward_model(args, out.parent)), "--prompts", str(ROOT / DATA[step]),
+            "--prompts_per_iteration", str(prompts), "--minibatch_size", str(prompts), "--batch_size", str(args.batch), "--ppo_epochs", "1",
+            "--generation.max_new_tokens", str(args.max_new_tokens), "--generation.max_prompt_length", str(args.max_length),
+        ]  # fmt: skip
+    return common + ["--model", args.model, "--data", str(ROOT / DATA[step]), "--batch_size", str(args.batch), "--grad_accum", "1",
+                     "--max_length", str(args.max_length), "--eval_every", "0", "--eval_fraction", "0.01"]  # fmt: skip
+
+
 def run_one(step: str, layout: str, args, out: Path) -> list[dict]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{layout}.yaml"),
-           "--num_processes", str(args.processes), "-m", "rlhfkit.cli", step, "--model", args.model, "--data", str(ROOT / DATA[step]),
-           "--output_dir", str(out / f"{step}-{layout}"), "--max_steps", str(args.steps), "--batch_size", str(args.batch),
-           "--grad_accum", "1", "--max_length", str(args.max_length), "--precision", "fp32", "--eval_every", "0",
-           "--checkpoint_every", "0", "--eval_fraction", "0.01"]  # fmt: skip
+           "--num_processes", str(args.processes), "-m", "rlhfkit.cli", step, *step_args(step, args, out / f"{step}-{layout}")]  # fmt: skip
     if step == "reward":
         cmd += ["--max_eval_comparisons", "4", "--max_reference_examples", "8"]
+    if step == "dpo":
+        cmd += ["--max_eval_comparisons", "4"]
     if step == "sft":
         cmd += ["--max_eval_examples", "4"]
     if args.lora:
@@ -94,9 +125,10 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="optimiser steps per run")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=2, help="rows (SFT) or comparisons (reward) per process per step")
+    parser.add_argument("--batch", type=int, default=2, help="rows (SFT), comparisons (reward) or prompts (PPO) per process per step")
     parser.add_argument("--layouts", default="ddp,fsdp2", help="accelerate configs in configs/accelerate/")
-    parser.add_argument("--steps-to-run", default="sft,reward")
+    parser.add_argument("--steps-to-run", default="sft,reward,ppo,dpo")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="PPO: tokens sampled per response")
     parser.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--output-dir", default=None, help="run folders (default: a temporary folder, deleted)")

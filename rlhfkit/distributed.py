@@ -198,10 +198,14 @@ def gathered(accelerator: Accelerator, model: torch.nn.Module):
             m.set_reshard_after_forward(reshard, recurse=False)
 
 
-def parameter_bytes_per_process(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes of this process's share of the trained and of the frozen parameters (a shard under FSDP)."""
-    out = {"trained": 0, "frozen": 0}
-    for p in model.parameters():
+def parameter_bytes_per_process(*models: torch.nn.Module | None) -> dict[str, int]:
+    """Bytes of this process's share of the trained and of the frozen parameters of ``models`` (a shard under
+    FSDP), each tensor counted once (step 3's networks may share some)."""
+    out, seen = {"trained": 0, "frozen": 0}, set()
+    for p in (p for m in models if m is not None for p in m.parameters()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
         local = p.to_local() if hasattr(p, "to_local") else p
         out["trained" if p.requires_grad else "frozen"] += local.numel() * local.element_size()
     return out

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..config import PPOConfig
 from ..data import load_demonstrations, load_prompts
-from ..distributed import gathered, shard_frozen, tied_names, uses_fsdp, wrap_blocks
+from ..distributed import gathered, parameter_bytes_per_process, shard_frozen, tied_names, uses_fsdp, wrap_blocks
 from ..losses import batch_to_inputs, trained_tokens
 from ..models import save_model
 from ..tokens import encode_example
@@ -203,6 +203,8 @@ class OnlineTrainer:
         self.policy_params, self.critic_params = self.role_params(policy_names), self.role_params(critic_names)
         if self.sharded and self.nets.reference is not None:
             self.nets.reference = shard_frozen(acc, self.nets.reference)
+        held = parameter_bytes_per_process(self.model, self.nets.reference, self.nets.reward_model)  # a shard under FSDP2
+        log.info("process %d holds %.1f MB of trained and %.1f MB of frozen parameters", acc.process_index, held["trained"] / 2**20, held["frozen"] / 2**20)
         self.kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.init_kl_coef)
         self.checkpointer = Checkpointer(self.run, acc, cfg.keep_checkpoints)
         self.samples_file = self.run.path / "samples.jsonl"
