@@ -10,6 +10,7 @@ single-process run on the same global batch.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_fsdp import ENV, FSDP2, assert_same_weights, run_fsdp2, single
+from test_fsdp import ENV, FSDP2, REPO, assert_same_weights, run_fsdp2, single
 from test_ppo import prompts_file, reward_dir  # noqa: F401  (fixtures)
 
 WORKER = r'''
@@ -25,31 +26,18 @@ WORKER = r'''
 then run the loop (or stop after `stop_after` iterations, or resume)."""
 import contextlib, json, sys, torch
 from dataclasses import replace
+from handmade_rollout import hand_made_rollout
 from rlhfkit.config import PPOConfig
 from rlhfkit.rl import make_trainer
-from rlhfkit.rl.math import first_eos_mask
-from rlhfkit.rl.rollout import Samples
 from rlhfkit.rl.trainer import Means
-from rlhfkit.tokens import encode_prompt, pad
 
 fields, mode = json.loads(sys.argv[1]), sys.argv[2]
 cfg = PPOConfig(**fields)
 tr = make_trainer(cfg)
-acc, tok = tr.accelerator, tr.tokenizer
+acc = tr.accelerator
 if mode == "grad":
     tr.iteration_index = 0
-    g = torch.Generator().manual_seed(0)
-    msgs = [[{"role": "user", "content": f"tell me {i} things"}] for i in range(8)]
-    resp = [torch.randint(3, 300, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
-            + ([tok.eos_token_id] if i % 3 else []) for i in range(8)]
-    share = 8 // acc.num_processes
-    rows = slice(acc.process_index * share, (acc.process_index + 1) * share)
-    msgs, resp = msgs[rows], resp[rows]
-    ids = [encode_prompt(tok, m) for m in msgs]
-    raw = pad(resp, tok.pad_token_id, length=8)
-    mask, has_eos = first_eos_mask(raw, tok.eos_token_id, tok.pad_token_id)
-    batch = tr.experience(Samples(msgs, pad(ids, tok.pad_token_id, side="left"), pad([[1] * len(i) for i in ids], 0, side="left"),
-                                  raw.masked_fill(~mask, tok.pad_token_id), mask, has_eos))
+    batch, rows = hand_made_rollout(tr, group=tr.k)
     batch = replace(batch, ref_logprobs=batch.ref_logprobs - 0.05, scores=torch.linspace(-1, 1, 8)[rows])
     if cfg.algorithm == "ppo":
         targets = dict(zip(("advantages", "returns"), tr.advantages(batch, tr.kl_rewards(batch, 0.1))))
@@ -95,7 +83,8 @@ def run_worker(tmp_path: Path, fields: dict, mode: str, processes: int) -> list[
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2), "--num_processes", str(processes), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "tests")))}  # the worker imports handmade_rollout
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(Path(f"{fields['output_dir']}.result{rank}.json").read_text()) for rank in range(processes)]
 

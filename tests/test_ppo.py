@@ -430,6 +430,20 @@ def test_frozen_cache_is_switched_off_when_it_would_change_the_numbers(tiny_mode
     assert metrics["policy_loss"] == pytest.approx(expected["policy_loss"], rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_frozen_cache_stays_on_in_bf16(tiny_model_dir, reward_dir, prompts_file, tmp_path, caplog, lora):
+    """The first-rollout check compares the two paths on a micro-batch the cache was computed on. On other rows
+    (another grouping, other padding widths) bf16 rounds differently, so the check failed on real models and
+    switched the cache off (found on SmolLM2: 0.19 nats apart, PPO 1.7x slower)."""
+    extra = {"lora": LORA} if lora else {}
+    cfg = ppo_config(tiny_model_dir, reward_dir, prompts_file, tmp_path / "run", max_steps=1, train_top_layers=1, precision="bf16",
+                     **extra)  # fmt: skip
+    trainer, metrics, _ = _one_iteration(cfg)
+    assert "switched off" not in caplog.text
+    assert trainer.ac.policy_split == 1 and trainer.last_rollout.policy_frozen is not None
+    assert metrics["kl"] == 0.0  # first rollout: the policy is the reference, through the cached blocks too
+
+
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / "model.safetensors"))
 
@@ -548,32 +562,19 @@ DDP_WORKER = r'''
 """Hand-made rollout of 8 responses: 1 process takes all, 2 processes 4 each; save the synced gradients."""
 import contextlib, sys, torch
 from dataclasses import replace
+from handmade_rollout import hand_made_rollout
 from rlhfkit.config import PPOConfig
 from rlhfkit.rl import PPOTrainer
-from rlhfkit.rl.math import first_eos_mask
-from rlhfkit.rl.rollout import Samples
 from rlhfkit.rl.trainer import Means
-from rlhfkit.tokens import encode_prompt, pad
 
 policy, reward, prompts, out = sys.argv[1:5]
 cfg = PPOConfig(policy_model=policy, reward_model=reward, prompts=prompts, output_dir=out, precision="fp32",
                 prompts_per_iteration=8, minibatch_size=8, batch_size=2, ppo_epochs=1, max_steps=2, vf_coef=0.5,
                 entropy_coef=0.01, generation={"max_new_tokens": 6, "temperature": 1.0}, checkpoint_every=1)
 tr = PPOTrainer(cfg)
-acc, tok = tr.accelerator, tr.tokenizer
+acc = tr.accelerator
 tr.iteration_index = 0
-g = torch.Generator().manual_seed(0)
-msgs = [[{"role": "user", "content": f"tell me {i} things"}] for i in range(8)]
-resp = [torch.randint(3, 300, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
-        + ([tok.eos_token_id] if i % 3 else []) for i in range(8)]
-share = 8 // acc.num_processes
-rows = slice(acc.process_index * share, (acc.process_index + 1) * share)
-msgs, resp = msgs[rows], resp[rows]
-ids = [encode_prompt(tok, m) for m in msgs]
-raw = pad(resp, tok.pad_token_id, length=8)
-mask, has_eos = first_eos_mask(raw, tok.eos_token_id, tok.pad_token_id)
-batch = tr.experience(Samples(msgs, pad(ids, tok.pad_token_id, side="left"), pad([[1] * len(i) for i in ids], 0, side="left"),
-                              raw.masked_fill(~mask, tok.pad_token_id), mask, has_eos))
+batch, _ = hand_made_rollout(tr)
 batch = replace(batch, ref_logprobs=batch.ref_logprobs - 0.05)
 rewards = tr.kl_rewards(batch, 0.1)
 advantages, returns = tr.advantages(batch, rewards)  # whitened over both processes' tokens
@@ -601,7 +602,7 @@ def test_two_processes_give_the_single_process_gradient(tiny_model_dir, reward_d
 
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(map(str, (Path(__file__).parents[1], Path(__file__).parent)))}
     args = [str(tiny_model_dir), str(reward_dir), str(prompts_file)]
     one = subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]

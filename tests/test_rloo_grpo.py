@@ -197,30 +197,18 @@ GRPO_DDP_WORKER = r'''
 import contextlib, sys, torch
 from dataclasses import replace
 from rlhfkit.config import PPOConfig
+from handmade_rollout import hand_made_rollout
 from rlhfkit.rl import make_trainer
-from rlhfkit.rl.math import first_eos_mask, grpo_advantages, per_token, token_weights
-from rlhfkit.rl.rollout import Samples
+from rlhfkit.rl.math import grpo_advantages, per_token, token_weights
 from rlhfkit.rl.trainer import Means
-from rlhfkit.tokens import encode_prompt, pad
 
 policy, reward, prompts, out = sys.argv[1:5]
 cfg = PPOConfig(policy_model=policy, reward_model=reward, prompts=prompts, output_dir=out, precision="fp32", algorithm="grpo",
                 samples_per_prompt=2, prompts_per_iteration=4, minibatch_size=8, batch_size=2, ppo_epochs=1, max_steps=2,
                 entropy_coef=0.01, init_kl_coef=0.2, generation={"max_new_tokens": 6, "temperature": 1.0}, checkpoint_every=1)
 tr = make_trainer(cfg)
-acc, tok = tr.accelerator, tr.tokenizer
-g = torch.Generator().manual_seed(0)
-msgs = [[{"role": "user", "content": f"tell me {i // 2} things"}] for i in range(8)]
-resp = [torch.randint(3, 300, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
-        + ([tok.eos_token_id] if i % 3 else []) for i in range(8)]
-share = 8 // acc.num_processes
-rows = slice(acc.process_index * share, (acc.process_index + 1) * share)
-msgs, resp = msgs[rows], resp[rows]
-ids = [encode_prompt(tok, m) for m in msgs]
-raw = pad(resp, tok.pad_token_id, length=8)
-mask, has_eos = first_eos_mask(raw, tok.eos_token_id, tok.pad_token_id)
-batch = tr.experience(Samples(msgs, pad(ids, tok.pad_token_id, side="left"), pad([[1] * len(i) for i in ids], 0, side="left"),
-                              raw.masked_fill(~mask, tok.pad_token_id), mask, has_eos))
+acc = tr.accelerator
+batch, _ = hand_made_rollout(tr, group=2)
 batch = replace(batch, ref_logprobs=batch.ref_logprobs - 0.05)  # a KL term that is not 0
 advantages = grpo_advantages(tr.sequence_rewards(batch, 0.2), 2)  # each process's groups are whole
 weights, units = token_weights(batch.mask, "sequence")
@@ -249,7 +237,7 @@ def test_grpo_two_processes_give_the_single_process_gradient(tiny_model_dir, rew
 
     script = tmp_path / "worker.py"
     script.write_text(GRPO_DDP_WORKER)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(map(str, (Path(__file__).parents[1], Path(__file__).parent)))}
     args = [str(tiny_model_dir), str(reward_dir), str(prompts_file)]
     one = subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -208,7 +208,7 @@ class OnlineTrainer:
         self.kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.init_kl_coef)
         self.checkpointer = Checkpointer(self.run, acc, cfg.keep_checkpoints)
         self.samples_file = self.run.path / "samples.jsonl"
-        self.frozen_cache = FrozenCache(self.nets, acc, cfg.batch_size)
+        self.frozen_cache = FrozenCache(self.nets, acc)
         self.experience_of = Experience(cfg, self.nets, acc)
         self.iteration_index = 0
         self.last_rollout: Rollout | None = None
