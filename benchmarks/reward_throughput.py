@@ -2,6 +2,14 @@
 length and precision.
 
     python benchmarks/reward_throughput.py [--trl-python .venv-trl/bin/python] [--steps 6] [--batch 8] [--length 256]
+    python benchmarks/reward_throughput.py --recipes     # today's HH recipe against the new one, each engine
+
+`--train-top-layers N` trains only the top N blocks and the head (both engines freeze the same lower
+blocks), `--epochs E` passes E times over the pairs, and `--cache-frozen-features` (rlhfkit only; TRL has
+nothing like it) runs the frozen blocks once per row instead of once per epoch. `--recipes` runs two
+settings for each engine: today's `configs/reward_hh.yaml` (top 12 blocks, 1 epoch) and the new one of the
+demo (top 2 blocks, 3 epochs, rlhfkit with the cache), gradient checkpointing off as in those configs.
+"s / 1k pairs" is the time the setting takes for 1,000 pairs of data, all its epochs included.
 
 The data are bundled HH-RLHF pairs whose chosen and rejected rows are both longer than
 `--length` tokens, so after truncation (the rlhfkit rule) every row is exactly `--length` tokens:
@@ -48,7 +56,7 @@ def prepare(args, workdir: Path) -> dict:
     from rlhfkit.reward import encode_pair_text
 
     tokenizer = load_tokenizer(args.model)
-    need = args.batch * (args.steps + args.warmup)
+    need = args.batch * (args.steps + args.warmup)  # the pairs of one epoch
     picked, ids = [], []
     for c in load_comparisons(str(DATA)):
         rows = [encode_pair_text(tokenizer, c.messages, r, args.length + 1, 0.5) for r in c.responses]
@@ -80,10 +88,11 @@ def run_rlhfkit(args) -> dict:
     out = Path(tempfile.mkdtemp(dir=work)) / "run"
     cfg = RewardConfig(
         model=args.model, output_dir=str(out), data=str(work / "pairs.jsonl"), eval_data=str(work / "eval.jsonl"),
-        batch_size=args.batch, grad_accum=1, max_steps=args.steps + args.warmup, precision=args.precision,
+        batch_size=args.batch, grad_accum=1, epochs=args.epochs, precision=args.precision,
         max_length=args.length, max_prompt_share=0.5, eval_every=0, checkpoint_every=0, log_every=1,
         learning_rate=1e-5, warmup_ratio=0.0, max_reference_examples=1, seed=0,
-        gradient_checkpointing=args.gradient_checkpointing == "on",
+        gradient_checkpointing=args.gradient_checkpointing == "on", train_top_layers=args.train_top_layers or None,
+        cache_frozen_features=args.cache_frozen_features,
     )  # fmt: skip
     run_reward(cfg)
     times = [m["time"] for m in read_metrics(out / "metrics.jsonl") if m["phase"] == "train"]
@@ -107,6 +116,10 @@ def run_trl(args) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(args.model_path, num_labels=1, dtype=torch.float32)
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if args.train_top_layers:  # the same trained set as rlhfkit's train_top_layers: top blocks, final norm, head
+        model.requires_grad_(False)
+        for module in [*model.model.layers[-args.train_top_layers :], model.model.norm, model.score]:
+            module.requires_grad_(True)
     stamps = []
 
     class Timer(TrainerCallback):
@@ -115,7 +128,7 @@ def run_trl(args) -> dict:
 
     config = RewardConfig(
         output_dir=str(work / "trl-out"), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        max_steps=args.steps + args.warmup, learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
+        num_train_epochs=args.epochs, learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
         bf16=args.precision == "bf16", max_length=args.length, report_to=[], save_strategy="no", logging_steps=1000,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0, remove_unused_columns=False,
         gradient_checkpointing=args.gradient_checkpointing == "on",  # TRL's RewardConfig default is on
@@ -126,12 +139,18 @@ def run_trl(args) -> dict:
     return result(args, seconds)
 
 
+def timed_steps(args) -> int:
+    """Every step of every epoch but the first `warmup`."""
+    return args.epochs * (args.steps + args.warmup) - args.warmup
+
+
 def result(args, seconds: float) -> dict:
-    pairs = args.batch * args.steps
+    pairs = args.batch * timed_steps(args)
     return {
         "pairs_per_s": pairs / seconds,
         "tokens_per_s": pairs * 2 * args.length / seconds,
-        "seconds_per_step": seconds / args.steps,
+        "seconds_per_step": seconds / timed_steps(args),
+        "seconds_per_1k_pairs": 1000 * args.epochs * seconds / pairs,
         "peak_mb": peak_memory_mb(),
     }
 
@@ -151,6 +170,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
                         help="set equally for both engines (TRL's RewardConfig turns it on by default)")
+    parser.add_argument("--train-top-layers", type=int, default=0, help="train only the top N blocks and the head (0: all)")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the pairs")
+    parser.add_argument("--cache-frozen-features", action="store_true", help="rlhfkit: run the frozen blocks once per row")
+    parser.add_argument("--recipes", action="store_true", help="today's HH recipe and the new one, for each engine")
     args = parser.parse_args()
 
     if args.engine:
@@ -162,8 +185,16 @@ def main() -> None:
     prepared = prepare(args, workdir)
     common = ["--workdir", str(workdir), "--model", args.model, "--model-path", prepared["model_path"], "--batch", str(args.batch),
               "--length", str(args.length), "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--precision", args.precision, "--threads", str(args.threads),
-              "--gradient-checkpointing", args.gradient_checkpointing]  # fmt: skip
+              "--precision", args.precision, "--threads", str(args.threads)]  # fmt: skip
+    if args.recipes:
+        settings = {
+            "today": ["--train-top-layers", "12", "--epochs", "1", "--gradient-checkpointing", "off"],
+            "new": ["--train-top-layers", "2", "--epochs", "3", "--cache-frozen-features", "--gradient-checkpointing", "off"],
+        }
+    else:
+        settings = {"": ["--train-top-layers", str(args.train_top_layers), "--epochs", str(args.epochs),
+                         "--gradient-checkpointing", args.gradient_checkpointing]
+                        + (["--cache-frozen-features"] if args.cache_frozen_features else [])}  # fmt: skip
     engines = [("rlhfkit", sys.executable)]
     why_no_trl = None
     if not Path(args.trl_python).exists():
@@ -175,30 +206,41 @@ def main() -> None:
         else:
             engines.append(("trl", args.trl_python))
     rows = {}
-    for name, python in engines:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run([python, __file__, "--engine", name, *common], capture_output=True, text=True, env=env)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"{name} failed:\n{proc.stderr[-3000:]}")
-            continue
-        rows[name] = json.loads(line[0][len("RESULT ") :])
+    for setting, flags in settings.items():
+        for name, python in engines:
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            proc = subprocess.run([python, __file__, "--engine", name, *common, *flags], capture_output=True, text=True, env=env)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(f"{name} {setting} failed:\n{proc.stderr[-3000:]}")
+                continue
+            rows[(name, setting)] = json.loads(line[0][len("RESULT ") :])
 
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"\nReward-model training throughput - model {args.model} (full fine-tuning), batch {args.batch} pairs "
-          f"(= {2 * args.batch} rows) x {args.length} tokens, {args.precision}, gradient checkpointing {args.gradient_checkpointing}, "
-          f"{device}, {args.steps} timed steps "
-          f"after {args.warmup} warm-up")  # fmt: skip
-    print(f"{'engine':<10} {'pairs/s':>9} {'tokens/s':>10} {'s/step':>8} {'peak MB':>9}")
-    for name, r in rows.items():
-        print(f"{name:<10} {r['pairs_per_s']:>9.2f} {r['tokens_per_s']:>10.1f} {r['seconds_per_step']:>8.2f} {r['peak_mb']:>9.0f}")
-    if len(rows) == 2:
-        ours, peer = rows["rlhfkit"], rows["trl"]
-        print(f"{'ratio':<10} {ours['pairs_per_s'] / peer['pairs_per_s']:>8.2f}x {'':>10} {'':>8} {ours['peak_mb'] / peer['peak_mb']:>8.2f}x"
-              "   (speed: rlhfkit/TRL, higher is better; memory: rlhfkit/TRL, lower is better)")  # fmt: skip
-    elif why_no_trl:
+    what = ("settings: today = top 12 blocks, 1 epoch; new = top 2 blocks, 3 epochs (rlhfkit: frozen-feature cache); "
+            "gradient checkpointing off" if args.recipes else
+            f"{'top ' + str(args.train_top_layers) + ' blocks' if args.train_top_layers else 'full fine-tuning'}, "
+            f"{args.epochs} epoch(s){', frozen-feature cache' if args.cache_frozen_features else ''}, "
+            f"gradient checkpointing {args.gradient_checkpointing}")  # fmt: skip
+    print(f"\nReward-model training throughput - model {args.model}, {what}; batch {args.batch} pairs "
+          f"(= {2 * args.batch} rows) x {args.length} tokens, {args.precision}, {device}; "
+          f"{args.batch * (args.steps + args.warmup)} pairs, every step timed but the first {args.warmup}")  # fmt: skip
+    print(f"{'engine':<16} {'pairs/s':>9} {'tokens/s':>10} {'s/step':>8} {'s / 1k pairs':>13} {'peak MB':>9}")
+    for (name, setting), r in rows.items():
+        print(f"{(name + ' ' + setting).strip():<16} {r['pairs_per_s']:>9.2f} {r['tokens_per_s']:>10.1f} {r['seconds_per_step']:>8.2f} "
+              f"{r['seconds_per_1k_pairs']:>13.0f} {r['peak_mb']:>9.0f}")  # fmt: skip
+    for setting in settings:
+        ours, peer = rows.get(("rlhfkit", setting)), rows.get(("trl", setting))
+        if ours and peer:
+            print(f"{('ratio ' + setting).strip():<16} {ours['pairs_per_s'] / peer['pairs_per_s']:>8.2f}x {'':>10} {'':>8} {'':>13} "
+                  f"{ours['peak_mb'] / peer['peak_mb']:>8.2f}x   (rlhfkit/TRL: speed higher is better, memory lower is better)")  # fmt: skip
+    if args.recipes and ("rlhfkit", "today") in rows and ("rlhfkit", "new") in rows:
+        today, new = rows[("rlhfkit", "today")], rows[("rlhfkit", "new")]
+        print(f"new recipe against today's (rlhfkit): {today['seconds_per_1k_pairs'] / new['seconds_per_1k_pairs']:.2f}x faster "
+              f"for the same data, {new['peak_mb'] / today['peak_mb']:.2f}x the memory")  # fmt: skip
+    if why_no_trl:
         print(f"TRL row skipped: {why_no_trl}")
     import shutil
 

@@ -316,6 +316,27 @@ def test_cached_frozen_features_give_the_same_losses_and_update(tiny_model_dir, 
     assert plain_rows - fast_rows >= 0.75 * train_rows, (plain_rows, fast_rows, train_rows)
 
 
+def test_max_train_comparisons_trains_on_a_seeded_sample_of_the_training_prompts(tiny_model_dir, tmp_path):
+    """A sample of exactly max_train_comparisons training comparisons, the same for the same seed, another for
+    another seed, never a held-out one; the held-out set does not change."""
+    from rlhfkit.reward.training import load_reward_data
+
+    data = write_synthetic(tmp_path / "marker.jsonl", n=60)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+
+    def prompts(**fields):
+        loaded = load_reward_data(tiny_config(tmp_path / str(len(fields)) / str(fields.get("seed", 0)), tiny_model_dir, data, **fields), tokenizer)
+        return [tuple(e.rows[0]) for e in loaded.train], [json.dumps(c.messages) for c in loaded.eval_comparisons]
+
+    every, heldout = prompts()
+    sample, heldout_too = prompts(max_train_comparisons=10)
+    again, _ = prompts(max_train_comparisons=10)
+    other, _ = prompts(max_train_comparisons=10, seed=1)
+    assert len(every) > 10 and len(sample) == 10 and heldout_too == heldout
+    assert set(sample) <= set(every) and sample == again
+    assert len(other) == 10 and other != prompts(seed=1)[0][:10]  # a sample, not the first rows
+
+
 def test_frozen_feature_cache_is_switched_off_when_it_would_change_the_numbers(tiny_model_dir, tmp_path, monkeypatch, caplog):
     """A body that is more than embed + blocks + norm (simulated: features that are off) fails the first-step
     check: the run warns and trains the whole network, as without the cache."""

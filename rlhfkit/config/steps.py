@@ -102,6 +102,9 @@ class RewardConfig(TrainingSettings):
     """Cap on reference responses scored for normalisation (a seeded sample)."""
     eval_bins: int = Field(10, ge=2)
     """Bins of the calibration table in the evaluation."""
+    max_train_comparisons: int | None = Field(None, ge=1)
+    """Train on a seeded sample of this many of the training comparisons (after the held-out split); null: all.
+    With cache_frozen_features, several epochs over fewer comparisons cost little more than one over them."""
     cache_frozen_features: bool = False
     """With train_top_layers: compute the output of the frozen lower blocks once per training row (the first
     time it is seen) and start every later epoch from it, so only the top blocks run. Same loss and update;

@@ -90,11 +90,14 @@ def load_reward_data(cfg: RewardConfig, tokenizer) -> RewardData:
         train_rows, eval_rows = split_rows(encoded, cfg.eval_fraction, seed=cfg.seed)
     all_train = Rows(encoded, encoded_from_row, train_rows)
     pairs = all_train.column("n_pairs")
-    train = all_train.subset(np.flatnonzero(pairs > 0))
+    train, n_empty = all_train.subset(np.flatnonzero(pairs > 0)), int((pairs == 0).sum())
+    if cfg.max_train_comparisons is not None and len(train) > cfg.max_train_comparisons:
+        train = train.subset(np.sort(np.random.default_rng(cfg.seed).choice(len(train), cfg.max_train_comparisons, replace=False)))
+    pairs = train.column("n_pairs")
     eval_rows = eval_rows[: cfg.max_eval_comparisons]
     eval_rows = eval_rows[Rows(eval_encoded, encoded_from_row, eval_rows).column("n_pairs") > 0]
     eval_enc = list(Rows(eval_encoded, encoded_from_row, eval_rows))
-    n_cut, n_cut_eval, n_empty = int(train.column("truncated").sum()), sum(e.truncated for e in eval_enc), int((pairs == 0).sum())
+    n_cut, n_cut_eval = int(train.column("truncated").sum()), sum(e.truncated for e in eval_enc)
     log.info(
         "reward data: %d train comparisons (%d pairs, %d rows) / %d eval comparisons; %d train and %d eval rows "
         "truncated to %d tokens%s",
