@@ -248,7 +248,7 @@ def print_eval_table(metrics: dict, costs: dict[str, dict] | None = None) -> Non
     else:
         show(f"SFT vs RLHF on {metrics['n_prompts']} held-out prompts", *policy_rows(metrics))
         show("RLHF vs SFT under the reward model and under the judge", *judge_table(metrics))
-    if metrics.get("best_of_n") or metrics["win_rate"].get("judge"):
+    if metrics.get("best_of_n"):  # without best-of-n the PPO column repeats the judge table
         first = next(iter(metrics.get("methods") or {}), None)
         show(f"Best-of-n of SFT beside {first or 'PPO'}", *best_of_n_table(method_view(metrics, first) if first else metrics))
     for line in [sampling_line(metrics), SIGNIFICANCE_NOTE, *agreement_lines(metrics)]:

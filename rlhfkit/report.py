@@ -315,7 +315,7 @@ def build_report(run_dir: str | Path, max_samples: int = 8) -> str:
         body.append(_table(*policy_rows(view), "eval"))
         body.append(f"<h3>{_e(label)} vs SFT under the reward model and under the judge</h3>")
         body.append(_table(*judge_table(view), "judge"))
-        if ev.get("best_of_n") or ev["win_rate"].get("judge"):
+        if ev.get("best_of_n"):  # without best-of-n the PPO column repeats the judge table
             body.append(f"<h3>Best-of-n of SFT beside {_e(name or 'PPO')}</h3>")
             body.append(_table(*best_of_n_table(view), "best-of-n"))
         body.append("</details>" if name else "")
