@@ -91,7 +91,7 @@ def run_rlhfkit(args) -> dict:
         batch_size=args.batch, grad_accum=1, epochs=args.epochs, precision=args.precision,
         max_length=args.length, max_prompt_share=0.5, eval_every=0, checkpoint_every=0, log_every=1,
         learning_rate=1e-5, warmup_ratio=0.0, max_reference_examples=1, seed=0,
-        gradient_checkpointing=args.gradient_checkpointing == "on", train_top_layers=args.train_top_layers or None,
+        gradient_checkpointing=args.gradient_checkpointing == "on", train_top_layers=args.train_top_layers,
         cache_frozen_features=args.cache_frozen_features,
     )  # fmt: skip
     run_reward(cfg)
