@@ -23,6 +23,7 @@ file per process), written and read by the same save_state / load_state.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -111,7 +112,17 @@ def make_accelerator(cfg: TrainingSettings) -> Accelerator:
         log_with=trackers(cfg.output_dir, cfg.report_to),  # started by MetricsLogger
     )
     enable_fsdp(accelerator, cfg.precision)  # under an FSDP accelerate config (configs/accelerate/fsdp2.yaml)
+    if accelerator.num_processes > 1:
+        atexit.register(end_process_group)  # registered twice is harmless: the second call finds no group
     return accelerator
+
+
+def end_process_group() -> None:
+    """At exit, end the process group ourselves: a gloo group left to the interpreter's teardown can abort
+    the process ("terminate called without an active exception") after all the work is done and saved.
+    Not at the end of each step: the pipeline runs several steps in one process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def start_run(cfg: TrainingSettings) -> tuple[RunDir, Accelerator | None]:
