@@ -181,7 +181,7 @@ def train_sft(cfg: SFTConfig, tokenizer, train_examples: Sequence[Example], eval
     if accelerator.is_main_process:
         save_model(trained.model, tokenizer, run.final, merge_lora=cfg.lora.merge_on_save)
         evals = result.evals
-        if evals:
+        if len(evals) > 1:
             log.info("eval loss: first %.4f -> last %.4f", evals[0]["loss"], evals[-1]["loss"])
     accelerator.wait_for_everyone()
     return run.final

@@ -324,7 +324,7 @@ def train_supervised(
     held = parameter_bytes_per_process(model)  # under FSDP2 a shard: about 1/N of the whole
     log.info("process %d holds %.1f MB of trained and %.1f MB of frozen parameters",
              accelerator.process_index, held["trained"] / 2**20, held["frozen"] / 2**20)  # fmt: skip
-    if start == 0:
+    if start == 0 and cfg.eval_at_start:
         first = evaluate()
         metrics.log(0, first, "eval")
         result.evals.append(first)

@@ -358,7 +358,7 @@ def test_the_frozen_feature_cache_knows_a_dataset_item_again(tmp_path, tiny_mode
     """Rows builds a new object at each access: the cache keys it by its row, not its id (with ids, every step
     would run the lower blocks again, and a freed object's id reused by another comparison would hit)."""
     from rlhfkit.reward import build_reward_model, rows_to_batch
-    from rlhfkit.reward.frozen_features import FrozenFeatureCache, cache_size_bytes
+    from rlhfkit.reward.frozen_features import FrozenFeatureCache, cache_size_bytes, cache_tokens
 
     _, ds = comparison_dataset(
         str(write_comparisons(tmp_path / "c.jsonl")), tokenizer, max_length=32, max_prompt_share=0.5, margin_scale=0.0,
@@ -366,10 +366,13 @@ def test_the_frozen_feature_cache_knows_a_dataset_item_again(tmp_path, tiny_mode
     )  # fmt: skip
     rows = Rows(ds, encoded_from_row)
     rm = build_reward_model(str(tiny_model_dir), tokenizer, train_top_layers=1)
-    cache, calls, lower = FrozenFeatureCache(split=1), [], rm.frozen_features
+    cache, calls, lower = FrozenFeatureCache(split=1, tokens=cache_tokens(rows)), [], rm.frozen_features
     rm.frozen_features = lambda *args: calls.append(args) or lower(*args)
     batch = rows_to_batch([r for e in (rows[0], rows[1]) for r in e.rows], tokenizer.pad_token_id)
     first = cache.batch(rm, [rows[0], rows[1]], batch)
     again = cache.batch(rm, [rows[0], rows[1]], batch)  # new objects, the same rows
     assert len(calls) == 1 and torch.equal(first, again) and set(cache.features) == {0, 1}
     assert cache_size_bytes(rows, 8) == cache_size_bytes(list(rows), 8) == sum(e.tokens for e in rows) * 8 * 4
+    kept = [f for key in (0, 1) for f in cache.features[key]]  # every row a slice of the one buffer, in order
+    assert all(f.untyped_storage().data_ptr() == cache.store.untyped_storage().data_ptr() for f in kept)
+    assert cache.used == rows[0].tokens + rows[1].tokens and torch.equal(torch.cat(kept), cache.store[: cache.used])

@@ -410,3 +410,14 @@ def test_two_process_ddp_matches_single_process(tiny_model_dir, tmp_path):
         torch.testing.assert_close(one[k], two[k], rtol=1e-3, atol=1e-4, msg=k)  # summation order differs
     evals = [[json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines() if '"eval"' in l] for n in ("one", "two")]
     assert evals[0][-1]["accuracy"] == pytest.approx(evals[1][-1]["accuracy"])  # eval gathered from both processes
+
+
+@pytest.mark.parametrize("at_start", [True, False])
+def test_eval_at_start_decides_whether_the_untrained_model_is_evaluated(tiny_model_dir, tmp_path, at_start):
+    from rlhfkit.training import read_metrics
+
+    data = write_synthetic(tmp_path / "marker.jsonl", n=40)
+    cfg = tiny_config(tmp_path, tiny_model_dir, data, max_steps=2, eval_at_start=at_start)
+    run_reward(cfg)
+    eval_steps = [m["step"] for m in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if m.get("phase") == "eval"]
+    assert eval_steps == ([0, 2] if at_start else [2])

@@ -82,6 +82,9 @@ class TrainingSettings(Section):
     """Stop after this many optimiser steps (0: use epochs)."""
     eval_every: int = Field(50, ge=0)
     """Evaluate on the held-out split every N optimiser steps (0: only at the start and end)."""
+    eval_at_start: bool = True
+    """Also evaluate before the first step (the "first" of the logged first -> last); off saves one pass over
+    the held-out split (about 5 minutes for the HH-RLHF sample's 769 pairs on a 2-core CPU)."""
     checkpoint_every: int = Field(50, ge=0)
     """Save a resumable checkpoint every N optimiser steps (0: only at the end)."""
     keep_checkpoints: int = Field(1, ge=1)

@@ -259,6 +259,8 @@ class PPOConfig(TrainingSettings):
     """How many rollouts are written to samples.jsonl each time."""
     eval_every: int = Field(0, ge=0)
     """Not used by PPO (every iteration logs its rollout's statistics)."""
+    eval_at_start: bool = False
+    """Not used by PPO."""
     checkpoint_every: int = Field(10, ge=0)
     """Save a resumable checkpoint every N iterations (0: only at the end)."""
     log_every: int = Field(1, ge=1)

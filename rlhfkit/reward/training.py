@@ -34,7 +34,7 @@ from ..training import (
 from .encoding import EncodedComparison, comparison_dataset, encode_comparison, encoded_from_row, response_scores, rows_to_batch
 from .evaluation import comparison_metrics, flat_metrics
 from .folder import save_reward_model
-from .frozen_features import FrozenFeatureCache, cache_size_bytes
+from .frozen_features import FrozenFeatureCache, cache_size_bytes, cache_tokens
 from .loss import comparison_loss, pair_terms
 from .model import LAYOUT_EOS, RewardModel, build_reward_model
 from .scoring import score, score_rows
@@ -222,8 +222,8 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         # on each process, while every FSDP2 forward is a collective all of them must join.
         log.info("frozen-feature cache off under FSDP: each block's forward is a collective of all processes")
     elif cfg.cache_frozen_features and cfg.train_top_layers:
-        cache = FrozenFeatureCache(len(transformer_blocks(rm.lm)) - cfg.train_top_layers)
         size = cache_size_bytes(plan.items, rm.lm.config.hidden_size)
+        cache = FrozenFeatureCache(len(transformer_blocks(rm.lm)) - cfg.train_top_layers, tokens=cache_tokens(plan.items))
         log.info("frozen-feature cache: the output of the lower %d blocks, about %.2f GB once every row is seen", cache.split, size / 1e9)
 
     def loss_fn(module, micro: list[EncodedComparison]):
@@ -312,7 +312,7 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
             "eval": result.evals[-1] if result.evals else {},
         }
         save_reward_model(trained, tokenizer, run.final, stats)
-        if result.evals and result.evals[0]:
+        if len(result.evals) > 1 and result.evals[0]:
             log.info("eval accuracy: first %.3f -> last %.3f", result.evals[0]["accuracy"], result.evals[-1]["accuracy"])
     accelerator.wait_for_everyone()
     return run.final
