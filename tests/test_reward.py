@@ -316,6 +316,43 @@ def test_cached_frozen_features_give_the_same_losses_and_update(tiny_model_dir, 
     assert plain_rows - fast_rows >= 0.75 * train_rows, (plain_rows, fast_rows, train_rows)
 
 
+def test_cached_held_out_features_give_the_same_evaluations(tiny_model_dir, tmp_path, monkeypatch):
+    """cache_eval_features: the lower block runs on the held-out rows at the first evaluation only, and every
+    evaluation (accuracy, loss, margin) is that of the whole network."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from rlhfkit.training import read_metrics
+
+    data = write_synthetic(tmp_path / "marker.jsonl", n=40)
+    rows_through_lower_block = [0]
+    original = LlamaDecoderLayer.forward
+
+    def counting(self, *args, **kwargs):
+        if self.self_attn.layer_idx == 0:
+            rows_through_lower_block[0] += (args[0] if args else kwargs["hidden_states"]).shape[0]
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", counting)
+    runs = {}
+    for cached in (False, True):
+        rows_through_lower_block[0] = 0
+        cfg = tiny_config(tmp_path / str(cached), tiny_model_dir, data, max_steps=3, eval_every=1, train_top_layers=1,
+                          cache_eval_features=cached)  # fmt: skip
+        run_reward(cfg)
+        evals = [m for m in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if m.get("phase") == "eval"]
+        runs[cached] = evals, rows_through_lower_block[0]
+    (plain, plain_rows), (fast, fast_rows) = runs[False], runs[True]
+    assert [m["step"] for m in fast] == [m["step"] for m in plain] == [0, 1, 2, 3]
+    assert len({m["loss"] for m in plain}) > 1  # the model changed between evaluations
+    for p, f in zip(plain, fast):
+        for key in ("accuracy", "loss", "mean_margin"):
+            assert f[key] == pytest.approx(p[key], rel=1e-5, abs=1e-6), (key, p["step"])
+    _, heldout = split_by_prompt(load_comparisons(str(data)), 0.2, seed=0)
+    heldout_rows = sum(len(set(c.responses)) for c in heldout if c.pairs())
+    # Evaluations 2-4 skip block 0; the first batch runs it once more to check the cache.
+    assert plain_rows - fast_rows >= 2 * heldout_rows, (plain_rows, fast_rows, heldout_rows)
+
+
 def test_max_train_comparisons_trains_on_a_seeded_sample_of_the_training_prompts(tiny_model_dir, tmp_path):
     """A sample of exactly max_train_comparisons training comparisons, the same for the same seed, another for
     another seed, never a held-out one; the held-out set does not change."""
@@ -339,7 +376,7 @@ def test_max_train_comparisons_trains_on_a_seeded_sample_of_the_training_prompts
 
 def test_frozen_feature_cache_is_switched_off_when_it_would_change_the_numbers(tiny_model_dir, tmp_path, monkeypatch, caplog):
     """A body that is more than embed + blocks + norm (simulated: features that are off) fails the first-step
-    check: the run warns and trains the whole network, as without the cache."""
+    check: the run warns and trains (and evaluates) the whole network, as without the cache."""
     from rlhfkit.reward.frozen_features import FrozenFeatureCache
 
     data = write_synthetic(tmp_path / "marker.jsonl", n=24)
@@ -350,6 +387,7 @@ def test_frozen_feature_cache_is_switched_off_when_it_would_change_the_numbers(t
     with caplog.at_level("WARNING", logger="rlhfkit.reward"):
         fast = load_reward_model(run_reward(cfg))[0].state_dict()
     assert "cache_frozen_features is switched off" in caplog.text
+    assert "cache_eval_features is switched off" in caplog.text  # the held-out rows' cache checks itself too
     for k in plain:
         torch.testing.assert_close(fast[k], plain[k], atol=1e-6, rtol=1e-6, msg=k)
 

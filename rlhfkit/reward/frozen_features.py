@@ -1,7 +1,8 @@
 """Training over cached frozen features: with `train_top_layers` the lower blocks never change, so their
 output on a training row is computed the first time the row is seen and every later epoch starts from it
 (as PPO does within a rollout with `cache_frozen_activations`). Only the top blocks then run, forward and
-backward; the loss and the update are those of the whole network (tested).
+backward; the loss and the update are those of the whole network (tested). The held-out rows get a cache
+of their own (`FrozenFeatureCache.scores`): every evaluation after the first runs only the top blocks.
 
 The cache costs rows x tokens x hidden floats of memory (logged at the start), kept on the CPU.
 """
@@ -15,6 +16,7 @@ import torch
 
 from ..data import Rows
 from .encoding import EncodedComparison, rows_to_batch
+from .scoring import scoring_autocast
 
 log = logging.getLogger("rlhfkit.reward")
 
@@ -37,8 +39,8 @@ def _key(item: EncodedComparison) -> int:
 class FrozenFeatureCache:
     """The output of the lower `split` blocks for each row of each training comparison, filled on first use."""
 
-    def __init__(self, split: int, tokens: int):
-        self.split = split
+    def __init__(self, split: int, tokens: int, field: str = "cache_frozen_features"):
+        self.split, self.field = split, field  # field: the config field that asked for it, named if it is switched off
         self.features: dict[int, list[torch.Tensor]] = {}  # _key(comparison) -> one (tokens, hidden) view per row
         self.checked = False
         # All rows live in one buffer of `tokens` rows, allocated at the first fill: cached rows kept as slices of
@@ -76,6 +78,37 @@ class FrozenFeatureCache:
         return out.to(batch["input_ids"].device)
 
     @torch.no_grad()
+    def scores(self, rm, items: Sequence[EncodedComparison], pad_id: int, batch_rows: int, precision: str | None) -> list[list[float]] | None:
+        """Raw scores of each comparison's rows (in row order), batched by length, from the cached features (the
+        first call computes them). None if the first batch fails `check`: then score the whole network."""
+        was_training = rm.training
+        rm.eval()
+        device = next(rm.parameters()).device
+        order = sorted(range(len(items)), key=lambda i: max(len(r) for r in items[i].rows))
+        groups, group, rows = [], [], 0
+        for i in order:  # whole comparisons, about batch_rows rows a batch
+            group.append(i)
+            rows += len(items[i].rows)
+            if rows >= batch_rows:
+                groups.append(group)
+                group, rows = [], 0
+        groups += [group] if group else []
+        out: list[list[float]] = [[] for _ in items]
+        for group in groups:
+            micro = [items[i] for i in group]
+            batch = rows_to_batch([r for item in micro for r in item.rows], pad_id, device=device)
+            with scoring_autocast(device, precision, rm):
+                frozen = self.batch(rm, micro, batch)
+                if not self.checked and not self.check(rm, batch, frozen):
+                    rm.train(was_training)
+                    return None
+                flat = rm(**batch, frozen=frozen, split=self.split).tolist()
+            for i, item in zip(group, micro):
+                out[i], flat = flat[: len(item.rows)], flat[len(item.rows) :]
+        rm.train(was_training)
+        return out
+
+    @torch.no_grad()
     def check(self, rm, batch: dict[str, torch.Tensor], frozen: torch.Tensor) -> bool:
         """Once: do the upper blocks run from the cached features give the whole network's scores? A body that
         does more than embed, run its blocks and normalise (e.g. scales its embeddings) does not; then the
@@ -86,7 +119,7 @@ class FrozenFeatureCache:
             return True
         log.warning(
             "%s: the upper blocks run from the frozen blocks' output differ from the whole network (max difference "
-            "%.3g); cache_frozen_features is switched off for this run", type(rm.lm).__name__, float((cached - whole).abs().max()),
+            "%.3g); %s is switched off for this run", type(rm.lm).__name__, float((cached - whole).abs().max()), self.field,
         )  # fmt: skip
         self.features.clear()
         self.store = None

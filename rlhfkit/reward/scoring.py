@@ -23,7 +23,7 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _autocast(device: torch.device, precision: str | None, module: torch.nn.Module):
+def scoring_autocast(device: torch.device, precision: str | None, module: torch.nn.Module):
     """bf16 autocast when asked and the weights are float32 (as in training), else nothing."""
     if precision == "bf16" and next(module.parameters()).dtype == torch.float32:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -41,7 +41,7 @@ def score_rows(rm: torch.nn.Module, rows: Sequence[list[int]], pad_token_id: int
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = rows_to_batch([rows[i] for i in idx], pad_token_id, device=device)
-        with _autocast(device, precision, rm):
+        with scoring_autocast(device, precision, rm):
             scores = rm(**batch)
         for i, s in zip(idx, scores.tolist()):
             out[i] = s

@@ -225,6 +225,12 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         size = cache_size_bytes(plan.items, rm.lm.config.hidden_size)
         cache = FrozenFeatureCache(len(transformer_blocks(rm.lm)) - cfg.train_top_layers, tokens=cache_tokens(plan.items))
         log.info("frozen-feature cache: the output of the lower %d blocks, about %.2f GB once every row is seen", cache.split, size / 1e9)
+    eval_mine = [eval_enc[i] for i in range(accelerator.process_index, len(eval_enc), accelerator.num_processes)]
+    eval_cache = None  # the held-out rows' frozen features: every evaluation after the first runs the top blocks only
+    if cfg.cache_eval_features and cfg.train_top_layers and eval_mine and not uses_fsdp(accelerator):
+        eval_cache = FrozenFeatureCache(len(transformer_blocks(rm.lm)) - cfg.train_top_layers, cache_tokens(eval_mine), "cache_eval_features")
+        size = cache_size_bytes(eval_mine, rm.lm.config.hidden_size)
+        log.info("held-out feature cache: the output of the lower %d blocks on the held-out rows, about %.2f GB", eval_cache.split, size / 1e9)
 
     def loss_fn(module, micro: list[EncodedComparison]):
         nonlocal cache
@@ -240,21 +246,28 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         stats["pairs"] = float(sum(len(e.pairs) for e in micro))
         return loss_sum, stats
 
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        wrapped.eval()
-        idx = list(range(accelerator.process_index, len(eval_enc), accelerator.num_processes))
+    def score_mine(idx: list[int]) -> list[list[float]]:
+        """Raw scores of the rows of this process's held-out comparisons, a list per comparison."""
+        nonlocal eval_cache
+        if eval_cache is not None:
+            per_item = eval_cache.scores(rm, eval_mine, pad_id, cfg.batch_size * 2, cfg.precision)
+            if per_item is not None:
+                return per_item
+            eval_cache = None
         rows = [r for i in idx for r in eval_enc[i].rows]
         # Under FSDP every process runs equally many forward passes: padding rows are scored, then dropped.
         world = accelerator.num_processes
         counts = [sum(len(e.rows) for e in eval_enc[r::world]) for r in range(world)]
         padded = even_batches(accelerator, rows, counts, cfg.batch_size * 2, eval_enc[0].rows[0] if eval_enc else None)
         flat = score_rows(wrapped, padded, pad_id, cfg.batch_size * 2, cfg.precision)[: len(rows)] if padded else []
-        mine, k = {}, 0
-        for i in idx:
-            n = len(eval_enc[i].rows)
-            mine[i] = flat[k : k + n]
-            k += n
+        starts = np.cumsum([0] + [len(eval_enc[i].rows) for i in idx])
+        return [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        wrapped.eval()
+        idx = list(range(accelerator.process_index, len(eval_enc), accelerator.num_processes))
+        mine = dict(zip(idx, score_mine(idx)))
         if accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
