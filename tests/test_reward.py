@@ -279,22 +279,27 @@ def test_train_top_layers_freezes_the_lower_layers(tiny_model_dir, tmp_path):
     assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), changed
 
 
+def count_rows_through_lower_block(monkeypatch) -> list[int]:
+    """A counter ([n]) of the rows that go through block 0 of a tiny Llama from now on (reset it by hand)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    rows, original = [0], LlamaDecoderLayer.forward
+
+    def counting(self, *args, **kwargs):
+        if self.self_attn.layer_idx == 0:
+            rows[0] += (args[0] if args else kwargs["hidden_states"]).shape[0]
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", counting)
+    return rows
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_cached_frozen_features_give_the_same_losses_and_update(tiny_model_dir, tmp_path, monkeypatch, lora):
     """train_top_layers + cache_frozen_features: the lower block runs on each training row once instead of once per
     epoch, and every step's loss and the trained weights are those of the uncached run."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
     data = write_synthetic(tmp_path / "marker.jsonl", n=40)
-    rows_through_lower_block = [0]
-    original = LlamaDecoderLayer.forward
-
-    def counting(self, *args, **kwargs):
-        if self.self_attn.layer_idx == 0:
-            rows_through_lower_block[0] += (args[0] if args else kwargs["hidden_states"]).shape[0]
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(LlamaDecoderLayer, "forward", counting)
+    rows_through_lower_block = count_rows_through_lower_block(monkeypatch)
     runs = {}
     for cached in (False, True):
         rows_through_lower_block[0] = 0
@@ -319,20 +324,10 @@ def test_cached_frozen_features_give_the_same_losses_and_update(tiny_model_dir, 
 def test_cached_held_out_features_give_the_same_evaluations(tiny_model_dir, tmp_path, monkeypatch):
     """cache_eval_features: the lower block runs on the held-out rows at the first evaluation only, and every
     evaluation (accuracy, loss, margin) is that of the whole network."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
     from rlhfkit.training import read_metrics
 
     data = write_synthetic(tmp_path / "marker.jsonl", n=40)
-    rows_through_lower_block = [0]
-    original = LlamaDecoderLayer.forward
-
-    def counting(self, *args, **kwargs):
-        if self.self_attn.layer_idx == 0:
-            rows_through_lower_block[0] += (args[0] if args else kwargs["hidden_states"]).shape[0]
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(LlamaDecoderLayer, "forward", counting)
+    rows_through_lower_block = count_rows_through_lower_block(monkeypatch)
     runs = {}
     for cached in (False, True):
         rows_through_lower_block[0] = 0
