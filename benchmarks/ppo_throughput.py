@@ -188,6 +188,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.engine:
+        from rlhfkit.allocator import restart_under_mimalloc
+
+        restart_under_mimalloc()  # as the `rlhfkit` command runs (RLHFKIT_ALLOCATOR=system: glibc's malloc)
         work = Path(args.work)
         result = run_rlhfkit(args, json.loads((work / "paths.json").read_text()), work)
         print("RESULT " + json.dumps(result), flush=True)

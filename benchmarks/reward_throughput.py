@@ -49,6 +49,11 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def allocator_in_use() -> str:
+    """Which malloc serves this engine (rlhfkit.allocator's test, inlined: TRL's side imports nothing of rlhfkit)."""
+    return "mimalloc" if "libmimalloc" in Path("/proc/self/maps").read_text() else "system"
+
+
 def prepare(args, workdir: Path) -> dict:
     """Pick the pairs, write them as JSONL (for rlhfkit) and as token ids (for TRL), save the tokenizer."""
     from rlhfkit.data import comparison_to_json, load_comparisons
@@ -152,6 +157,7 @@ def result(args, seconds: float) -> dict:
         "seconds_per_step": seconds / timed_steps(args),
         "seconds_per_1k_pairs": 1000 * args.epochs * seconds / pairs,
         "peak_mb": peak_memory_mb(),
+        "allocator": allocator_in_use(),
     }
 
 
@@ -176,6 +182,10 @@ def main() -> None:
     parser.add_argument("--recipes", action="store_true", help="today's HH recipe and the new one, for each engine")
     args = parser.parse_args()
 
+    if args.engine == "rlhfkit":
+        from rlhfkit.allocator import restart_under_mimalloc
+
+        restart_under_mimalloc()  # as the `rlhfkit` command runs (RLHFKIT_ALLOCATOR=system: glibc's malloc)
     if args.engine:
         out = run_rlhfkit(args) if args.engine == "rlhfkit" else run_trl(args)
         print("RESULT " + json.dumps(out), flush=True)
@@ -227,10 +237,10 @@ def main() -> None:
     print(f"\nReward-model training throughput - model {args.model}, {what}; batch {args.batch} pairs "
           f"(= {2 * args.batch} rows) x {args.length} tokens, {args.precision}, {device}; "
           f"{args.batch * (args.steps + args.warmup)} pairs, every step timed but the first {args.warmup}")  # fmt: skip
-    print(f"{'engine':<16} {'pairs/s':>9} {'tokens/s':>10} {'s/step':>8} {'s / 1k pairs':>13} {'peak MB':>9}")
+    print(f"{'engine':<16} {'pairs/s':>9} {'tokens/s':>10} {'s/step':>8} {'s / 1k pairs':>13} {'peak MB':>9}  allocator")
     for (name, setting), r in rows.items():
         print(f"{(name + ' ' + setting).strip():<16} {r['pairs_per_s']:>9.2f} {r['tokens_per_s']:>10.1f} {r['seconds_per_step']:>8.2f} "
-              f"{r['seconds_per_1k_pairs']:>13.0f} {r['peak_mb']:>9.0f}")  # fmt: skip
+              f"{r['seconds_per_1k_pairs']:>13.0f} {r['peak_mb']:>9.0f}  {r['allocator']}")  # fmt: skip
     for setting in settings:
         ours, peer = rows.get(("rlhfkit", setting)), rows.get(("trl", setting))
         if ours and peer:

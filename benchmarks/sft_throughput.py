@@ -125,6 +125,10 @@ def main() -> None:
                         help="for both engines (TRL's SFTConfig defaults to on)")
     args = parser.parse_args()
 
+    if args.engine == "rlhfkit":
+        from rlhfkit.allocator import restart_under_mimalloc
+
+        restart_under_mimalloc()  # as the `rlhfkit` command runs (RLHFKIT_ALLOCATOR=system: glibc's malloc)
     if args.engine:
         from rlhfkit.models import resolve_model
 

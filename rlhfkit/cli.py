@@ -328,6 +328,14 @@ _mount_subcommands()
 
 
 def main() -> None:  # pragma: no cover
+    """The `rlhfkit` command: restarted once under mimalloc (allocator.py says why), then the app."""
+    from .allocator import restart_under_mimalloc
+
+    try:
+        restart_under_mimalloc()
+    except ValueError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise SystemExit(2)
     app()
 
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from .allocator import allocator_in_use
 from .config import TrainingSettings, save_config
 from .distributed import enable_fsdp, parameter_bytes_per_process
 from .tracking import MetricsLogger, read_metrics, trackers  # noqa: F401 (the steps import MetricsLogger, read_metrics from here)
@@ -322,8 +323,8 @@ def train_supervised(
     result = LoopResult(steps=start, resumed_from=start if state else None)
 
     held = parameter_bytes_per_process(model)  # under FSDP2 a shard: about 1/N of the whole
-    log.info("process %d holds %.1f MB of trained and %.1f MB of frozen parameters",
-             accelerator.process_index, held["trained"] / 2**20, held["frozen"] / 2**20)  # fmt: skip
+    log.info("process %d holds %.1f MB of trained and %.1f MB of frozen parameters; memory allocator: %s",
+             accelerator.process_index, held["trained"] / 2**20, held["frozen"] / 2**20, allocator_in_use())  # fmt: skip
     if start == 0 and cfg.eval_at_start:
         first = evaluate()
         metrics.log(0, first, "eval")
