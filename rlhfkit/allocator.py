@@ -3,7 +3,7 @@
 Why: glibc's malloc keeps the freed pieces of tensors whose shapes change from batch to batch (every batch of
 `group_by_length` has its own length) and rarely hands them back, so a training process's resident set grows
 all through a run: the HH-RLHF reward recipe reaches 15.9 GB, still growing at its last step. mimalloc reuses
-those pieces for the next batch's tensors: the same recipe levels off at 7.3 GB, a step no slower (README,
+those pieces for the next batch's tensors: the same recipe levels off at 7.6 GB, a step no slower (README,
 "Measured on this 2-core CPU").
 
 How: an allocator must be in place before the first allocation, so the `rlhfkit` command restarts itself once,
