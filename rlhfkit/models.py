@@ -200,6 +200,31 @@ def parameters_below_top_layers(model, n: int) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in keep]
 
 
+def store_frozen_linear_weights_as(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Hold the frozen weights and biases of the linear layers inside the transformer blocks in `dtype`; returns
+    how many parameters changed. Under autocast to `dtype` a linear layer casts its weight to `dtype` at every
+    call anyway, so its output is bitwise the same, in half the memory (bf16) and without that cast. Embeddings
+    and norms keep their dtype: autocast does not cast them, so they set the residual stream's precision."""
+    changed = 0
+    for module in transformer_blocks(model).modules():
+        if isinstance(module, torch.nn.Linear):
+            for p in (module.weight, module.bias):
+                if p is not None and not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+                    changed += p.numel()
+    if changed:
+        release_checkpoint_file(model)
+    return changed
+
+
+def release_checkpoint_file(model: torch.nn.Module) -> None:
+    """Give every parameter memory of its own, off the checkpoint file. transformers loads safetensors weights as
+    views of the file's memory map, and one view left keeps every page of it read so far in the process: once
+    weights are replaced by bf16 copies, their fp32 pages would stay (SmolLM2-135M: 0.3 GB of RSS)."""
+    for p in model.parameters():
+        p.data = p.data.clone()
+
+
 def apply_lora(
     model: PreTrainedModel, lora: LoraSettings, adapter_name: str = "default", task_type: str = "CAUSAL_LM", top_layers: int = 0
 ):

@@ -214,3 +214,35 @@ def test_reference_responses_score_zero_on_average(tiny_model_dir, prompts_file,
     prompt_ids, prompt_mask = pad(ids, ptok.pad_token_id, side="left"), pad([[1] * len(i) for i in ids], 0, side="left")
     batch = trainer.experience(Samples(messages, prompt_ids, prompt_mask, response_ids, mask, has_eos))
     assert abs(batch.rm_scores.mean().item()) < 0.02
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_reward_model_measured_in_bf16_keeps_its_scores_with_its_matrices_in_bf16(tiny_model_dir, prompts_file, tmp_path, monkeypatch, lora):
+    """precision bf16 and a reward model measured in bf16: its frozen matrices are stored in bf16 (it is read under
+    bf16 autocast, which multiplies in bf16 anyway), embeddings, norms and head stay fp32, and the scores, values
+    and log-probs of a rollout are bitwise those of a reward model kept in fp32 (critic on its base)."""
+    import rlhfkit.rl.networks as networks
+    from rlhfkit.models import load_tokenizer, transformer_blocks
+    from rlhfkit.reward import build_reward_model, save_reward_model
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(1)
+    stats = {"mean": 0.05, "std": 0.5, "precision": "bf16", "base_model": str(tiny_model_dir), "lora": False}
+    rm_dir = save_reward_model(build_reward_model(str(tiny_model_dir), tok), tok, tmp_path / "rm", stats)
+    extra = {"lora": LORA} if lora else {"train_top_layers": 1}
+    batches = {}
+    for matrices_in_bf16 in (True, False):
+        if not matrices_in_bf16:
+            monkeypatch.setattr(networks, "store_frozen_linear_weights_as", lambda model, dtype: 0)
+        cfg = ppo_config(tiny_model_dir, rm_dir, prompts_file, tmp_path / str(matrices_in_bf16), precision="bf16", critic_init="reward", **extra)
+        trainer = PPOTrainer(cfg)
+        rm = trainer.nets.reward_model
+        block = transformer_blocks(rm.lm)[0]
+        expected = torch.bfloat16 if matrices_in_bf16 else torch.float32
+        assert block.mlp.down_proj.weight.dtype == block.self_attn.o_proj.weight.dtype == expected
+        assert block.input_layernorm.weight.dtype == rm.lm.get_input_embeddings().weight.dtype == rm.head.weight.dtype == torch.float32
+        trainer.iteration_index = 0
+        batches[matrices_in_bf16] = trainer.experience(_rollout_by_hand(trainer, [[5, 6, 7, tok.eos_token_id], [8, 9], [10, 11, 12]], 6))
+    stored, kept = batches[True], batches[False]
+    for field in ("rm_scores", "values", "old_logprobs", "ref_logprobs"):
+        assert torch.equal(getattr(stored, field), getattr(kept, field)), field

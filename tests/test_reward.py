@@ -279,6 +279,44 @@ def test_train_top_layers_freezes_the_lower_layers(tiny_model_dir, tmp_path):
     assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), changed
 
 
+def test_bf16_runs_hold_the_frozen_matrices_in_bf16_with_the_same_numbers(tiny_model_dir, tmp_path, monkeypatch):
+    """precision bf16: the frozen blocks' linear weights are stored in bf16 (what autocast multiplies in); the scores,
+    losses and trained weights are bitwise those of fp32 storage, and the saved folder is float32 throughout."""
+    import rlhfkit.reward.training as training
+    from rlhfkit.models import store_frozen_linear_weights_as
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rm = build_reward_model(str(tiny_model_dir), tokenizer, train_top_layers=1).eval()
+    batch = rows_to_batch([[5, 6, 7, 8, 9], [10, 11, 12]], tokenizer.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = rm(**batch)
+        assert store_frozen_linear_weights_as(rm.lm, torch.bfloat16) > 0
+        assert torch.equal(rm(**batch), before)
+    dtypes = {name: p.dtype for name, p in rm.lm.named_parameters()}
+    assert dtypes["model.layers.0.mlp.up_proj.weight"] == dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    kept = ["model.layers.1.mlp.up_proj.weight", "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight", "score.weight"]
+    assert all(dtypes[k] == torch.float32 for k in kept)  # trained, norms, embeddings, head
+
+    data = write_synthetic(tmp_path / "marker.jsonl", n=40)
+    stored = []
+    monkeypatch.setattr(training, "store_frozen_linear_weights_as", lambda m, d: stored.append(store_frozen_linear_weights_as(m, d)))
+    runs = {}
+    for bf16_storage in (True, False):
+        if not bf16_storage:
+            monkeypatch.setattr(training, "store_frozen_linear_weights_as", lambda m, d: None)
+        cfg = tiny_config(tmp_path / str(bf16_storage), tiny_model_dir, data, precision="bf16", train_top_layers=1, epochs=2, log_every=1)
+        folder = run_reward(cfg)
+        losses = [json.loads(l)["loss"] for l in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+        runs[bf16_storage] = load_reward_model(folder)[0].lm.state_dict(), losses
+    assert stored and stored[0] > 0
+    (bf16, bf16_losses), (fp32, fp32_losses) = runs[True], runs[False]
+    assert len(bf16_losses) >= 4 and bf16_losses == fp32_losses
+    assert all(t.dtype == torch.float32 for t in bf16.values())
+    for k in fp32:  # trained: the same; frozen matrices: their bf16 values
+        expected = fp32[k].bfloat16().float() if k.startswith("model.layers.0.") and k.endswith("proj.weight") else fp32[k]
+        assert torch.equal(bf16[k], expected), k
+
+
 def count_rows_through_lower_block(monkeypatch) -> list[int]:
     """A counter ([n]) of the rows that go through block 0 of a tiny Llama from now on (reset it by hand)."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer

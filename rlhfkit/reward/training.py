@@ -22,7 +22,13 @@ from ..config import RewardConfig
 from ..data import Comparison, Demonstration, Rows, load_demonstrations, record_from_row, split_rows
 from ..distributed import even_batches, full_model, uses_fsdp, wrap_blocks
 from ..generate import model_path_of
-from ..models import enable_activation_checkpointing, load_tokenizer, resolve_model, transformer_blocks
+from ..models import (
+    enable_activation_checkpointing,
+    load_tokenizer,
+    resolve_model,
+    store_frozen_linear_weights_as,
+    transformer_blocks,
+)
 from ..training import (
     DataPlan,
     make_optimizer,
@@ -209,6 +215,10 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
     rm = build_reward_model(base, tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(rm.lm)
+    if cfg.precision == "bf16" and not uses_fsdp(accelerator):  # (FSDP2 shards a block's weights in one dtype)
+        # The frozen blocks' matrices in bf16, the precision autocast multiplies them in: the same scores,
+        # without a cast per forward, in half their memory. They are saved as they were used (upcast, below).
+        store_frozen_linear_weights_as(rm.lm, torch.bfloat16)
     trainable = sum(p.numel() for p in rm.parameters() if p.requires_grad)
     log.info("reward model: %s, %.1fM of %.1fM parameters trained", base, trainable / 1e6, sum(p.numel() for p in rm.parameters()) / 1e6)
     optimizer = make_optimizer(rm, cfg)
@@ -303,6 +313,7 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
     rebuild = lambda: build_reward_model(base, tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers)  # noqa: E731
     trained: RewardModel | None = full_model(accelerator, wrapped, rebuild)
     if accelerator.is_main_process:
+        trained.float()  # the standard folder is float32 throughout (and LoRA merges in float32)
         trained.eval()
         refs, what = reference_responses(cfg, train_cmp)
         spread = spread_responses(cfg, train_cmp)

@@ -46,6 +46,8 @@ from ..models import (
     lora_config,
     only_blocks,
     parameters_below_top_layers,
+    release_checkpoint_file,
+    store_frozen_linear_weights_as,
     sync_model_with_tokenizer,
     train_only_top_layers,
     transformer_blocks,
@@ -293,6 +295,7 @@ def _store_frozen_as(dtype: torch.dtype, module: torch.nn.Module) -> None:
     for p in module.parameters():
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
+    release_checkpoint_file(module)  # else the fp32 pages of the file, read once, stay in memory
 
 
 def value_head_from_reward(rm_head: torch.nn.Linear, mean: float, std: float) -> torch.nn.Linear:
@@ -427,9 +430,12 @@ def build_networks(cfg: PPOConfig, device, sharded: bool = False) -> Networks:
         # halves the policy's LoRA base and the blocks shared below train_top_layers. Trained weights stay
         # fp32, and so do the reference's own copies of them: the reference then computes exactly what the
         # policy computed at the start (KL 0), not a bf16 rounding of it. The reward model (and a critic on
-        # its base) keeps the fp32 weights its reward_stats.json was measured with: in bf16 the normalised
-        # scores would drift from the saved mean.
+        # its base) keeps the fp32 embeddings and norms its reward_stats were measured with (in bf16 the
+        # residual stream, and the normalised scores, would drift from the saved mean); its frozen matrices
+        # go to bf16 only if it is read under bf16 autocast anyway (measured in bf16): the same scores.
         _store_frozen_as(torch.bfloat16, actor_critic.policy)
+        if rm_stats.get("precision") == "bf16" and not sharded:
+            store_frozen_linear_weights_as(rm.lm, torch.bfloat16)
     actor_critic.to(device)
     if reference is not None:
         reference.to(device)
