@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -336,7 +337,25 @@ def main() -> None:  # pragma: no cover
     except ValueError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise SystemExit(2)
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if done.code in (0, None) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            leave_finished_process()
+        raise
+
+
+def leave_finished_process() -> None:  # pragma: no cover
+    """A process of a multi-process run (torchrun / accelerate launch) whose work is done and saved: run Python's
+    exit handlers (the process group ends, logs flush), then leave without the interpreter's and C++ static
+    teardown, where a gloo thread still joinable now and then aborts the process ("terminate called without an
+    active exception", exit -6), which the launcher reports as a failed run."""
+    import atexit
+
+    atexit._run_exitfuncs()  # the handlers a normal exit runs (private, but the one way to run them and skip the rest)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover
