@@ -63,6 +63,8 @@ if mode == "grad":
 tr.train(stop_after=int(mode[len("stop"):]) if mode.startswith("stop") else None)
 with open(f"{cfg.output_dir}.result{acc.process_index}.json", "w") as f:  # a file each: printed lines may interleave
     json.dump({"sharded": tr.sharded, "layout": tr.nets.layout}, f)
+from rlhfkit.cli import leave_finished_process
+leave_finished_process()  # as the rlhfkit command leaves: exit handlers, then no teardown (see its docstring)
 '''
 
 
