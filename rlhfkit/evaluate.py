@@ -181,10 +181,13 @@ def _sample_policy(ps: PromptSet, name: str, model, sft, tok, cfg: EvaluateConfi
     gen = cfg.generation
     ps.samples[name] = [g[0] for g in generate_responses(model, tok, ps.prompts, gen, 1, progress)]
     ps.prompt_ids = [encode_prompt(tok, m, gen.max_prompt_length, gen.system_prompt) for m in ps.prompts]
+    if model is sft:  # log pi_SFT(y) - log pi_SFT(y): no forward pass needed
+        ps.kl[name] = [0.0] * len(ps.samples[name])
+        return
     support = sampling_support(sft.get_output_embeddings().weight.shape[0], len(tok), tok.pad_token_id)  # the sampler's
     responses = [s.token_ids or [tok.eos_token_id] for s in ps.samples[name]]
     own = response_logprobs(model, ps.prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
-    ref = own if model is sft else response_logprobs(sft, ps.prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
+    ref = response_logprobs(sft, ps.prompt_ids, responses, tok.pad_token_id, temperature, cfg.batch_size, support)
     ps.kl[name] = [a - b for a, b in zip(own, ref)]
 
 
