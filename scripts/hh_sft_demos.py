@@ -19,6 +19,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rlhfkit.config import RewardConfig  # noqa: E402
 from rlhfkit.data import Demonstration, demonstration_to_json, load_comparisons, split_by_prompt  # noqa: E402
 
 
@@ -26,13 +27,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/reward_hh.yaml", help="the reward config whose split is kept")
     parser.add_argument("--n", type=int, default=1500, help="training comparisons sampled")
-    parser.add_argument("--seed", type=int, default=0, help="the reward run's seed (its split) and the sample's")
+    parser.add_argument("--seed", type=int, default=None, help="the split's and the sample's seed (default: the config's)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    cfg = yaml.safe_load(Path(args.config).read_text())
-    train, held_out = split_by_prompt(load_comparisons(cfg["data"]), cfg.get("eval_fraction", 0.1), seed=args.seed)
-    picked = random.Random(args.seed).sample(train, min(args.n, len(train)))
+    cfg = RewardConfig(**yaml.safe_load(Path(args.config).read_text()))  # the config's defaults for what it leaves out
+    seed = cfg.seed if args.seed is None else args.seed
+    train, held_out = split_by_prompt(load_comparisons(cfg.data), cfg.eval_fraction, seed=seed)
+    picked = random.Random(seed).sample(train, min(args.n, len(train)))
     with open(args.out, "w") as f:
         for c in picked:
             demo = Demonstration(messages=c.messages, response=c.responses[c.ranking[0][0]])
