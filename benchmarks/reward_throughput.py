@@ -5,10 +5,12 @@ length and precision.
     python benchmarks/reward_throughput.py --recipes     # today's HH recipe against the new one, each engine
 
 `--train-top-layers N` trains only the top N blocks and the head (both engines freeze the same lower
-blocks), `--epochs E` passes E times over the pairs, and `--cache-frozen-features` (rlhfkit only; TRL has
-nothing like it) runs the frozen blocks once per row instead of once per epoch. `--recipes` runs two
-settings for each engine: today's `configs/reward_hh.yaml` (top 12 blocks, 1 epoch) and the new one of the
-demo (top 2 blocks, 3 epochs, rlhfkit with the cache), gradient checkpointing off as in those configs.
+blocks), `--epochs E` passes E times over the pairs, `--cache-frozen-features` (rlhfkit only; TRL has
+nothing like it) runs the frozen blocks once per row instead of once per epoch, and `--share-prompt`
+(rlhfkit only) packs each pair into one row that holds the prompt once. `--recipes` runs three settings
+for each engine: the HH recipe as it was (top 12 blocks, 1 epoch), the same with a shared prompt (what
+`configs/reward_hh.yaml` runs now; TRL's row is its plain one again) and the demo's (top 2 blocks, 3 epochs,
+rlhfkit with the cache and a shared prompt), gradient checkpointing off as in those configs.
 "s / 1k pairs" is the time the setting takes for 1,000 pairs of data, all its epochs included.
 
 The data are bundled HH-RLHF pairs whose chosen and rejected rows are both longer than
@@ -16,7 +18,8 @@ The data are bundled HH-RLHF pairs whose chosen and rejected rows are both longe
 one pair is two rows, pairs/s and tokens/s are exact and identical for both engines. The parent
 process tokenises once and hands the same token ids to both: rlhfkit trains on the JSONL through
 its real `run_reward` path (which re-tokenises to the same ids), TRL gets them pre-tokenised
-(`chosen_ids` / `rejected_ids`). Each engine runs in a fresh subprocess (so peak memory is its
+(`chosen_ids` / `rejected_ids`). With a shared prompt the rows are cut by rlhfkit's shared rule (the
+prompt the longer response leaves, for both): the same pairs, fewer tokens. Each engine runs in a fresh subprocess (so peak memory is its
 own), takes `--warmup` steps, then `--steps` timed steps. Peak memory: max RSS of the process on
 CPU, max allocated CUDA memory on GPU. TRL is installed only for this benchmark, in its own
 virtualenv (`make bench-env`); without it only the rlhfkit row is printed. Gradient checkpointing is set
@@ -97,12 +100,12 @@ def run_rlhfkit(args) -> dict:
         max_length=args.length, max_prompt_share=0.5, eval_every=0, checkpoint_every=0, log_every=1,
         learning_rate=1e-5, warmup_ratio=0.0, max_reference_examples=1, seed=0,
         gradient_checkpointing=args.gradient_checkpointing == "on", train_top_layers=args.train_top_layers,
-        cache_frozen_features=args.cache_frozen_features,
+        cache_frozen_features=args.cache_frozen_features, share_prompt=args.share_prompt,
     )  # fmt: skip
     run_reward(cfg)
-    times = [m["time"] for m in read_metrics(out / "metrics.jsonl") if m["phase"] == "train"]
-    seconds = times[-1] - times[args.warmup - 1]
-    return result(args, seconds)
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if m["phase"] == "train"]
+    seconds = steps[-1]["time"] - steps[args.warmup - 1]["time"]
+    return result(args, seconds, tokens=sum(m["tokens"] for m in steps[args.warmup :]))  # a shared prompt: fewer
 
 
 def run_trl(args) -> dict:
@@ -149,11 +152,11 @@ def timed_steps(args) -> int:
     return args.epochs * (args.steps + args.warmup) - args.warmup
 
 
-def result(args, seconds: float) -> dict:
+def result(args, seconds: float, tokens: float | None = None) -> dict:
     pairs = args.batch * timed_steps(args)
     return {
         "pairs_per_s": pairs / seconds,
-        "tokens_per_s": pairs * 2 * args.length / seconds,
+        "tokens_per_s": (pairs * 2 * args.length if tokens is None else tokens) / seconds,
         "seconds_per_step": seconds / timed_steps(args),
         "seconds_per_1k_pairs": 1000 * args.epochs * seconds / pairs,
         "peak_mb": peak_memory_mb(),
@@ -179,7 +182,8 @@ def main() -> None:
     parser.add_argument("--train-top-layers", type=int, default=0, help="train only the top N blocks and the head (0: all)")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the pairs")
     parser.add_argument("--cache-frozen-features", action="store_true", help="rlhfkit: run the frozen blocks once per row")
-    parser.add_argument("--recipes", action="store_true", help="today's HH recipe and the new one, for each engine")
+    parser.add_argument("--share-prompt", action="store_true", help="rlhfkit: one packed row per pair, the prompt once")
+    parser.add_argument("--recipes", action="store_true", help="the HH recipe as it was, with a shared prompt, and the demo's, for each engine")
     args = parser.parse_args()
 
     if args.engine == "rlhfkit":
@@ -199,12 +203,14 @@ def main() -> None:
     if args.recipes:
         settings = {
             "today": ["--train-top-layers", "12", "--epochs", "1", "--gradient-checkpointing", "off"],
-            "new": ["--train-top-layers", "2", "--epochs", "3", "--cache-frozen-features", "--gradient-checkpointing", "off"],
+            "shared": ["--train-top-layers", "12", "--epochs", "1", "--gradient-checkpointing", "off", "--share-prompt"],
+            "new": ["--train-top-layers", "2", "--epochs", "3", "--cache-frozen-features", "--share-prompt", "--gradient-checkpointing", "off"],
         }
     else:
         settings = {"": ["--train-top-layers", str(args.train_top_layers), "--epochs", str(args.epochs),
                          "--gradient-checkpointing", args.gradient_checkpointing]
-                        + (["--cache-frozen-features"] if args.cache_frozen_features else [])}  # fmt: skip
+                        + (["--cache-frozen-features"] if args.cache_frozen_features else [])
+                        + (["--share-prompt"] if args.share_prompt else [])}  # fmt: skip
     engines = [("rlhfkit", sys.executable)]
     why_no_trl = None
     if not Path(args.trl_python).exists():
@@ -218,6 +224,8 @@ def main() -> None:
     rows = {}
     for setting, flags in settings.items():
         for name, python in engines:
+            if name == "trl" and "--share-prompt" in flags and setting != "new":
+                continue  # TRL has no shared prompt: its row is the plain setting's
             env = {**os.environ, "PYTHONPATH": str(ROOT), "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
             proc = subprocess.run([python, __file__, "--engine", name, *common, *flags], capture_output=True, text=True, env=env)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -229,10 +237,12 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    what = ("settings: today = top 12 blocks, 1 epoch; new = top 2 blocks, 3 epochs (rlhfkit: frozen-feature cache); "
+    what = ("settings: today = top 12 blocks, 1 epoch; shared = the same with a shared prompt (TRL has none: ratio to its "
+            "today row); new = top 2 blocks, 3 epochs (rlhfkit: frozen-feature cache, shared prompt); "
             "gradient checkpointing off" if args.recipes else
             f"{'top ' + str(args.train_top_layers) + ' blocks' if args.train_top_layers else 'full fine-tuning'}, "
-            f"{args.epochs} epoch(s){', frozen-feature cache' if args.cache_frozen_features else ''}, "
+            f"{args.epochs} epoch(s){', frozen-feature cache' if args.cache_frozen_features else ''}"
+            f"{', shared prompt' if args.share_prompt else ''}, "
             f"gradient checkpointing {args.gradient_checkpointing}")  # fmt: skip
     print(f"\nReward-model training throughput - model {args.model}, {what}; batch {args.batch} pairs "
           f"(= {2 * args.batch} rows) x {args.length} tokens, {args.precision}, {device}; "
@@ -242,14 +252,15 @@ def main() -> None:
         print(f"{(name + ' ' + setting).strip():<16} {r['pairs_per_s']:>9.2f} {r['tokens_per_s']:>10.1f} {r['seconds_per_step']:>8.2f} "
               f"{r['seconds_per_1k_pairs']:>13.0f} {r['peak_mb']:>9.0f}  {r['allocator']}")  # fmt: skip
     for setting in settings:
-        ours, peer = rows.get(("rlhfkit", setting)), rows.get(("trl", setting))
+        ours, peer = rows.get(("rlhfkit", setting)), rows.get(("trl", "today" if setting == "shared" else setting))
         if ours and peer:
             print(f"{('ratio ' + setting).strip():<16} {ours['pairs_per_s'] / peer['pairs_per_s']:>8.2f}x {'':>10} {'':>8} {'':>13} "
                   f"{ours['peak_mb'] / peer['peak_mb']:>8.2f}x   (rlhfkit/TRL: speed higher is better, memory lower is better)")  # fmt: skip
-    if args.recipes and ("rlhfkit", "today") in rows and ("rlhfkit", "new") in rows:
-        today, new = rows[("rlhfkit", "today")], rows[("rlhfkit", "new")]
-        print(f"new recipe against today's (rlhfkit): {today['seconds_per_1k_pairs'] / new['seconds_per_1k_pairs']:.2f}x faster "
-              f"for the same data, {new['peak_mb'] / today['peak_mb']:.2f}x the memory")  # fmt: skip
+    for setting in ("shared", "new"):
+        if args.recipes and ("rlhfkit", "today") in rows and ("rlhfkit", setting) in rows:
+            today, other = rows[("rlhfkit", "today")], rows[("rlhfkit", setting)]
+            print(f"{setting} against today's (rlhfkit): {today['seconds_per_1k_pairs'] / other['seconds_per_1k_pairs']:.2f}x faster "
+                  f"for the same data, {other['peak_mb'] / today['peak_mb']:.2f}x the memory")  # fmt: skip
     if why_no_trl:
         print(f"TRL row skipped: {why_no_trl}")
     import shutil

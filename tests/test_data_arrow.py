@@ -367,7 +367,7 @@ def test_the_frozen_feature_cache_knows_a_dataset_item_again(tmp_path, tiny_mode
     rows = Rows(ds, encoded_from_row)
     rm = build_reward_model(str(tiny_model_dir), tokenizer, train_top_layers=1)
     cache, calls, lower = FrozenFeatureCache(split=1, tokens=cache_tokens(rows)), [], rm.frozen_features
-    rm.frozen_features = lambda *args: calls.append(args) or lower(*args)
+    rm.frozen_features = lambda *args, **kwargs: calls.append(args) or lower(*args, **kwargs)
     batch = rows_to_batch([r for e in (rows[0], rows[1]) for r in e.rows], tokenizer.pad_token_id)
     first = cache.batch(rm, [rows[0], rows[1]], batch)
     again = cache.batch(rm, [rows[0], rows[1]], batch)  # new objects, the same rows
@@ -376,3 +376,13 @@ def test_the_frozen_feature_cache_knows_a_dataset_item_again(tmp_path, tiny_mode
     kept = [f for key in (0, 1) for f in cache.features[key]]  # every row a slice of the one buffer, in order
     assert all(f.untyped_storage().data_ptr() == cache.store.untyped_storage().data_ptr() for f in kept)
     assert cache.used == rows[0].tokens + rows[1].tokens and torch.equal(torch.cat(kept), cache.store[: cache.used])
+    # With shared prompts the columns count the packed rows' tokens, as a list of the items does.
+    _, shared = comparison_dataset(
+        str(tmp_path / "c.jsonl"), tokenizer, max_length=32, max_prompt_share=0.5, margin_scale=0.0, score_range=(1, 7),
+        cache_dir=tmp_path / "cache", share_prompt=True,
+    )  # fmt: skip
+    packed = Rows(shared, encoded_from_row)
+    assert all(e.prompt_tokens > 0 for e in packed) and [e.index for e in packed] == list(range(len(packed)))
+    assert cache_tokens(packed, packed=True) == cache_tokens(list(packed), packed=True) == sum(e.packed_tokens for e in packed)
+    assert cache_tokens(packed, packed=True) < cache_tokens(packed)
+    assert list(reward_training.comparison_lengths(packed, packed=True)) == [e.packed_tokens for e in packed]

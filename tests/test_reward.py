@@ -13,6 +13,7 @@ import torch
 from rlhfkit.config import LoraSettings, RewardConfig
 from rlhfkit.data import Comparison, load_comparisons, split_by_prompt
 from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.training import read_metrics
 from rlhfkit.reward import (
     RewardModel,
     build_reward_model,
@@ -22,6 +23,7 @@ from rlhfkit.reward import (
     evaluate_reward_model,
     expand_comparison,
     load_reward_model,
+    pack_comparisons,
     pair_terms,
     rows_to_batch,
     run_reward,
@@ -155,6 +157,55 @@ def test_score_at_last_real_token_whatever_the_padding(tiny_model_dir):
     assert len(set(alone.tolist())) == 4  # the rows really differ
     for other in (right, left, noisy_scores, more_pad):
         torch.testing.assert_close(other, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_rows_keep_one_truncated_prompt(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    long_prompt = user(" ".join(WORDS * 3))
+    c = Comparison(long_prompt, ["a b", " ".join(WORDS[:20]), "c"], [[1], [0], [2]])
+    alone = encode_comparison(tokenizer, c, 48, 0.5)
+    shared = encode_comparison(tokenizer, c, 48, 0.5, share_prompt=True)
+    prompt = shared.rows[0][: shared.prompt_tokens]
+    assert 0 < shared.prompt_tokens and all(r[: shared.prompt_tokens] == prompt for r in shared.rows)
+    # The prompt is what the longest response leaves (its row is the same either way); the others lose context.
+    assert shared.rows[1] == alone.rows[1] and len(shared.rows[1]) == 48
+    assert [len(r) for r in shared.rows] < [len(r) for r in alone.rows]
+    assert shared.pairs == alone.pairs and shared.truncated == 3
+    assert shared.packed_tokens == len(prompt) + sum(len(r) - len(prompt) for r in shared.rows) < shared.tokens
+    short = encode_comparison(tokenizer, Comparison(user("q"), ["a", "b"], [[0], [1]]), 48, 0.5, share_prompt=True)
+    assert short.rows == encode_comparison(tokenizer, Comparison(user("q"), ["a", "b"], [[0], [1]]), 48, 0.5).rows
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_packed_comparisons_score_as_their_rows_do(tiny_model_dir, precision):
+    """One packed row per comparison (the prompt once, each response attending to it and to itself) gives each
+    row's score and gradient as a batch of separate rows does."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(0)
+    rm = build_reward_model(str(tiny_model_dir), tokenizer)
+    rng = random.Random(0)
+    comparisons = [
+        Comparison(user(" ".join(WORDS * 2)), [sentence(rng, 20, 30), sentence(rng)], [[0], [1]]),  # prompt cut
+        Comparison(user("q"), [sentence(rng), sentence(rng), sentence(rng, 1, 2)], [[2], [0, 1]]),  # K-wise, a tie
+        Comparison(user(sentence(rng)), [sentence(rng, 1, 1), sentence(rng)], [[1], [0]]),
+    ]
+    items = [encode_comparison(tokenizer, c, 40, 0.5, share_prompt=True) for c in comparisons]
+    packed = pack_comparisons(items, tokenizer.pad_token_id)
+    assert packed["input_ids"].shape == (3, max(e.packed_tokens for e in items))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    scores, grads = [], []
+    for batch in (rows_to_batch([r for e in items for r in e.rows], tokenizer.pad_token_id), packed):
+        rm.zero_grad()
+        with autocast:
+            s = rm(**batch)
+        loss, _ = comparison_loss(s, pair_terms(items))
+        loss.backward()
+        scores.append(s.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in rm.parameters() if p.grad is not None]))
+    assert len(set(scores[0].tolist())) == 7  # the rows really differ
+    tol = 1e-5 if precision == "fp32" else 3e-2
+    torch.testing.assert_close(scores[1], scores[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(grads[1], grads[0], atol=tol, rtol=tol if precision == "fp32" else 0.1)
 
 
 # ----------------------------------------------------------------------------- training
@@ -359,10 +410,36 @@ def test_cached_frozen_features_give_the_same_losses_and_update(tiny_model_dir, 
     assert plain_rows - fast_rows >= 0.75 * train_rows, (plain_rows, fast_rows, train_rows)
 
 
+def test_shared_prompt_training_gives_the_same_losses_update_and_evaluations(tiny_model_dir, tmp_path, monkeypatch):
+    """share_prompt packs each comparison into one row: on data no row of which is truncated, every step's loss, the
+    trained weights and the held-out evaluation are those of training on separate rows, from fewer tokens through
+    the model; with train_top_layers + cache_frozen_features the cache holds the packed rows."""
+    data = write_synthetic(tmp_path / "marker.jsonl", n=40)
+    rows_through_lower_block = count_rows_through_lower_block(monkeypatch)
+    runs = {}
+    for shared, cached in ((False, False), (True, False), (True, True)):
+        rows_through_lower_block[0] = 0
+        cfg = tiny_config(tmp_path / f"{shared}-{cached}", tiny_model_dir, data, epochs=2, share_prompt=shared, train_top_layers=1,
+                          cache_frozen_features=cached, log_every=1, eval_every=3)  # fmt: skip
+        weights = load_reward_model(run_reward(cfg))[0].state_dict()
+        lines = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+        train = [(m["loss"], m["tokens"]) for m in lines if m.get("phase") == "train"]
+        evals = [(m["accuracy"], round(m["loss"], 5)) for m in lines if m.get("phase") == "eval"]
+        runs[shared, cached] = weights, train, evals, rows_through_lower_block[0]
+    plain, packed, cached = runs[False, False], runs[True, False], runs[True, True]
+    assert len(plain[1]) >= 4 and len(plain[2]) >= 2
+    for run in (packed, cached):
+        assert [loss for loss, _ in run[1]] == pytest.approx([loss for loss, _ in plain[1]], rel=1e-5, abs=1e-6)
+        assert all(mine < theirs for (_, mine), (_, theirs) in zip(run[1], plain[1]))  # fewer tokens a step
+        assert run[2] == plain[2]
+        for k in plain[0]:
+            torch.testing.assert_close(run[0][k], plain[0][k], atol=1e-4, rtol=1e-4, msg=k)  # Adam rescales rounding-size gradients
+    assert cached[3] < packed[3] < plain[3]  # packed rows through the lower block; cached: once
+
+
 def test_cached_held_out_features_give_the_same_evaluations(tiny_model_dir, tmp_path, monkeypatch):
     """cache_eval_features: the lower block runs on the held-out rows at the first evaluation only, and every
     evaluation (accuracy, loss, margin) is that of the whole network."""
-    from rlhfkit.training import read_metrics
 
     data = write_synthetic(tmp_path / "marker.jsonl", n=40)
     rows_through_lower_block = count_rows_through_lower_block(monkeypatch)

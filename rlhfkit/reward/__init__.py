@@ -25,6 +25,7 @@ from .encoding import (
     encode_for_reward,
     encode_pair_text,
     expand_comparison,
+    pack_comparisons,
     response_scores,
     rows_to_batch,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "load_reward_model",
     "normalisation_stats",
     "normalise_scores",
+    "pack_comparisons",
     "pair_terms",
     "print_evaluation",
     "reads_policy_vocabulary",

@@ -15,20 +15,23 @@ from typing import Sequence
 import torch
 
 from ..data import Rows
-from .encoding import EncodedComparison, rows_to_batch
+from .encoding import EncodedComparison, pack_comparisons, rows_to_batch
 from .scoring import scoring_autocast
 
 log = logging.getLogger("rlhfkit.reward")
 
 
-def cache_tokens(items: Sequence[EncodedComparison]) -> int:
-    """Tokens in all rows of `items`: the rows of the cache once every row has been seen."""
-    return int(items.column("tokens").sum()) if isinstance(items, Rows) else sum(item.tokens for item in items)
+def cache_tokens(items: Sequence[EncodedComparison], packed: bool = False) -> int:
+    """Tokens in all rows of `items` (with `packed`: in their packed rows): the rows of the cache once every row has been seen."""
+    if not isinstance(items, Rows):
+        return sum(item.packed_tokens if packed else item.tokens for item in items)
+    shared = (items.column("n_rows") - 1) * items.column("prompt_tokens") if packed else 0
+    return int((items.column("tokens") - shared).sum())
 
 
-def cache_size_bytes(items: Sequence[EncodedComparison], hidden_size: int, dtype: torch.dtype = torch.float32) -> int:
+def cache_size_bytes(items: Sequence[EncodedComparison], hidden_size: int, dtype: torch.dtype = torch.float32, packed: bool = False) -> int:
     """Memory of the cached features of `items` once every row has been seen."""
-    return cache_tokens(items) * hidden_size * torch.empty(0, dtype=dtype).element_size()
+    return cache_tokens(items, packed) * hidden_size * torch.empty(0, dtype=dtype).element_size()
 
 
 def _key(item: EncodedComparison) -> int:
@@ -37,10 +40,11 @@ def _key(item: EncodedComparison) -> int:
 
 
 class FrozenFeatureCache:
-    """The output of the lower `split` blocks for each row of each training comparison, filled on first use."""
+    """The output of the lower `split` blocks for each row of each training comparison (with `packed`, for its
+    packed row: `encoding.pack_comparisons`), filled on first use."""
 
-    def __init__(self, split: int, tokens: int, field: str = "cache_frozen_features"):
-        self.split, self.field = split, field  # field: the config field that asked for it, named if it is switched off
+    def __init__(self, split: int, tokens: int, field: str = "cache_frozen_features", packed: bool = False):
+        self.split, self.field, self.packed = split, field, packed  # field: the config field that asked for it, named if it is switched off
         self.features: dict[int, list[torch.Tensor]] = {}  # _key(comparison) -> one (tokens, hidden) view per row
         self.checked = False
         # All rows live in one buffer of `tokens` rows, allocated at the first fill: cached rows kept as slices of
@@ -64,18 +68,23 @@ class FrozenFeatureCache:
         seen yet go through the lower blocks first (all of them in the first epoch: in this very batch)."""
         new = [item for item in micro if _key(item) not in self.features]
         if new:
-            fresh_batch = batch if len(new) == len(micro) else rows_to_batch([r for item in new for r in item.rows], 0, device=batch["input_ids"].device)
-            fresh = rm.frozen_features(fresh_batch["input_ids"], fresh_batch["attention_mask"], self.split)
+            fresh_batch = batch if len(new) == len(micro) else self._batch_of(new, batch["input_ids"].device)
+            fresh = rm.frozen_features(**fresh_batch, split=self.split)
             row = 0
             for item in new:
-                self.features[_key(item)] = [self._keep(fresh[row + i, : len(r)]) for i, r in enumerate(item.rows)]
-                row += len(item.rows)
+                lengths = [item.packed_tokens] if self.packed else [len(r) for r in item.rows]
+                self.features[_key(item)] = [self._keep(fresh[row + i, :n]) for i, n in enumerate(lengths)]
+                row += len(lengths)
         rows = [f for item in micro for f in self.features[_key(item)]]
         width = batch["input_ids"].shape[1]
         out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
         for i, f in enumerate(rows):
             out[i, : f.shape[0]] = f
         return out.to(batch["input_ids"].device)
+
+    def _batch_of(self, items: Sequence[EncodedComparison], device) -> dict[str, torch.Tensor]:
+        # Padding ids are masked out, so 0 stands in for the pad id.
+        return pack_comparisons(items, 0, device) if self.packed else rows_to_batch([r for item in items for r in item.rows], 0, device=device)
 
     @torch.no_grad()
     def scores(self, rm, items: Sequence[EncodedComparison], pad_id: int, batch_rows: int, precision: str | None) -> list[list[float]] | None:

@@ -88,32 +88,44 @@ class RewardModel(torch.nn.Module):
     def pad_token_id(self) -> int | None:
         return self.lm.config.pad_token_id
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, frozen: torch.Tensor | None = None, split: int = 0) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, frozen: torch.Tensor | None = None, split: int = 0,
+        position_ids: torch.Tensor | None = None, block_mask: torch.Tensor | None = None, score_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Scores of the rows; with `frozen` (`frozen_features(..., split)` of these rows) only the blocks
-        from `split` up run."""
+        from `split` up run. A packed batch (`encoding.pack_comparisons`) brings its positions, its block mask
+        and where each score is read."""
         backbone = backbone_and_head(self.lm)[0]
-        # Positions count real tokens only, so a left-padded row sees the same positions as a right-padded one.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        inputs = self._inputs(attention_mask, position_ids, block_mask)
         if frozen is None:
-            hidden = backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
+            hidden = backbone(input_ids=input_ids, **inputs).last_hidden_state
         else:
             with only_blocks(backbone, split):
-                hidden = backbone(
-                    inputs_embeds=frozen, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-                ).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        at = score_index(input_ids, attention_mask, self.pad_token_id).to(hidden.device)
+                hidden = backbone(inputs_embeds=frozen, **inputs).last_hidden_state
+        if score_at is None:
+            score_at = (torch.arange(hidden.shape[0], device=hidden.device), score_index(input_ids, attention_mask, self.pad_token_id))
+        rows, at = (i.to(hidden.device) for i in score_at)
         return self.score_hidden(hidden[rows, at])
 
     @torch.no_grad()
-    def frozen_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int) -> torch.Tensor:
+    def frozen_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int,
+        position_ids: torch.Tensor | None = None, block_mask: torch.Tensor | None = None, score_at=None,
+    ) -> torch.Tensor:  # fmt: skip
         """The output of the lower `split` blocks, ``(B, T, H)``: what `forward(..., frozen, split)` continues from."""
         backbone = backbone_and_head(self.lm)[0]
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with only_blocks(backbone, 0, split):
-            return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+            return backbone(input_ids=input_ids, **self._inputs(attention_mask, position_ids, block_mask)).last_hidden_state
+
+    def _inputs(self, attention_mask: torch.Tensor, position_ids: torch.Tensor | None, block_mask: torch.Tensor | None) -> dict:
+        if position_ids is None:
+            # Positions count real tokens only, so a left-padded row sees the same positions as a right-padded one.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if block_mask is not None:  # transformers takes a 4D mask as it is: booleans for SDPA, additive for eager
+            if self.lm.config._attn_implementation != "sdpa":
+                block_mask = torch.zeros(block_mask.shape, device=block_mask.device).masked_fill(~block_mask, torch.finfo(torch.float32).min)
+            attention_mask = block_mask
+        return {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
 
     def score_hidden(self, last: torch.Tensor) -> torch.Tensor:
         """Scores from the final hidden states at the score positions, ``(B, H) -> (B,)``."""

@@ -37,7 +37,15 @@ from ..training import (
     total_steps_for,
     train_supervised,
 )
-from .encoding import EncodedComparison, comparison_dataset, encode_comparison, encoded_from_row, response_scores, rows_to_batch
+from .encoding import (
+    EncodedComparison,
+    comparison_dataset,
+    encode_comparison,
+    encoded_from_row,
+    pack_comparisons,
+    response_scores,
+    rows_to_batch,
+)
 from .evaluation import comparison_metrics, flat_metrics
 from .folder import save_reward_model
 from .frozen_features import FrozenFeatureCache, cache_size_bytes, cache_tokens
@@ -48,16 +56,21 @@ from .scoring import score, score_rows
 log = logging.getLogger("rlhfkit.reward")
 
 
-def _encode_all(tokenizer, comparisons, cfg: RewardConfig) -> tuple[list[EncodedComparison], int, int]:
-    encoded = [encode_comparison(tokenizer, c, cfg.max_length, cfg.max_prompt_share, cfg.margin_scale) for c in comparisons]
+def _encode_all(tokenizer, comparisons, cfg: RewardConfig, share_prompt: bool = False) -> tuple[list[EncodedComparison], int, int]:
+    encoded = [encode_comparison(tokenizer, c, cfg.max_length, cfg.max_prompt_share, cfg.margin_scale, share_prompt) for c in comparisons]
     no_pairs = sum(1 for e in encoded if not e.pairs)
     encoded = [e for e in encoded if e.pairs]
     return encoded, sum(e.truncated for e in encoded), no_pairs
 
 
-def comparison_lengths(items: Sequence[EncodedComparison]):
-    """The longest row of each comparison (its rows pad to it): the dataset's length column, or one pass over a list."""
-    return items.column("length") if isinstance(items, Rows) else [max(len(r) for r in c.rows) for c in items]
+def comparison_lengths(items: Sequence[EncodedComparison], packed: bool = False):
+    """What a batch pads each comparison to: its longest row, or with `packed` its packed row; from the dataset's
+    columns, or one pass over a list."""
+    if not isinstance(items, Rows):
+        return [c.packed_tokens if packed else max(len(r) for r in c.rows) for c in items]
+    if not packed:
+        return items.column("length")
+    return items.column("tokens") - (items.column("n_rows") - 1) * items.column("prompt_tokens")
 
 
 @dataclass
@@ -78,21 +91,23 @@ def load_reward_data(cfg: RewardConfig, tokenizer) -> RewardData:
     folder's data/, encoded by `Dataset.map` and memory-mapped (a resumed run reuses them), so a large set never
     sits in Python lists. `load_comparisons` + `split_by_prompt` + `_encode_all` give the same items as lists."""
 
-    def dataset(spec):
+    def dataset(spec, share_prompt: bool = False):
         return comparison_dataset(
             spec, tokenizer, max_length=cfg.max_length, max_prompt_share=cfg.max_prompt_share, margin_scale=cfg.margin_scale,
-            score_range=cfg.score_range, cache_dir=Path(cfg.output_dir) / "data",
+            score_range=cfg.score_range, cache_dir=Path(cfg.output_dir) / "data", share_prompt=share_prompt,
         )  # fmt: skip
 
     def comparison_from_row(row: dict) -> Comparison:
         return record_from_row(row, "comparisons")
 
-    records, encoded = dataset(cfg.data)
+    # Training rows may share their prompt (`share_prompt`); held-out rows are each truncated on their own, as a
+    # reward model reads one (prompt, response) when it scores.
+    records, encoded = dataset(cfg.data, cfg.share_prompt)
     if cfg.eval_data is not None:
         eval_records, eval_encoded = dataset(cfg.eval_data)
         train_rows, eval_rows = np.arange(len(encoded)), np.arange(len(eval_encoded))
     else:
-        eval_records, eval_encoded = records, encoded
+        eval_records, eval_encoded = records, dataset(cfg.data)[1] if cfg.share_prompt else encoded
         train_rows, eval_rows = split_rows(encoded, cfg.eval_fraction, seed=cfg.seed)
     all_train = Rows(encoded, encoded_from_row, train_rows)
     pairs = all_train.column("n_pairs")
@@ -210,7 +225,7 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         process_index=accelerator.process_index,
         seed=cfg.seed,
         weight=lambda c: 1.0,
-        lengths=comparison_lengths(train_enc) if cfg.group_by_length else None,  # rows pad to the longest
+        lengths=comparison_lengths(train_enc, cfg.share_prompt) if cfg.group_by_length else None,  # rows pad to the longest
     )
     rm = build_reward_model(base, tokenizer, lora=cfg.lora, train_top_layers=cfg.train_top_layers)
     if cfg.gradient_checkpointing:
@@ -232,8 +247,8 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         # on each process, while every FSDP2 forward is a collective all of them must join.
         log.info("frozen-feature cache off under FSDP: each block's forward is a collective of all processes")
     elif cfg.cache_frozen_features and cfg.train_top_layers:
-        size = cache_size_bytes(plan.items, rm.lm.config.hidden_size)
-        cache = FrozenFeatureCache(len(transformer_blocks(rm.lm)) - cfg.train_top_layers, tokens=cache_tokens(plan.items))
+        size = cache_size_bytes(plan.items, rm.lm.config.hidden_size, packed=cfg.share_prompt)
+        cache = FrozenFeatureCache(len(transformer_blocks(rm.lm)) - cfg.train_top_layers, cache_tokens(plan.items, cfg.share_prompt), packed=cfg.share_prompt)
         log.info("frozen-feature cache: the output of the lower %d blocks, about %.2f GB once every row is seen", cache.split, size / 1e9)
     eval_mine = [eval_enc[i] for i in range(accelerator.process_index, len(eval_enc), accelerator.num_processes)]
     eval_cache = None  # the held-out rows' frozen features: every evaluation after the first runs the top blocks only
@@ -244,8 +259,10 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
 
     def loss_fn(module, micro: list[EncodedComparison]):
         nonlocal cache
-        rows = [r for e in micro for r in e.rows]
-        batch = rows_to_batch(rows, pad_id, device=accelerator.device)
+        if cfg.share_prompt:  # one row per comparison: the prompt once, then each response
+            batch = pack_comparisons(micro, pad_id, device=accelerator.device)
+        else:
+            batch = rows_to_batch([r for e in micro for r in e.rows], pad_id, device=accelerator.device)
         if cache is not None:
             frozen = cache.batch(rm, micro, batch)
             if not cache.checked and not cache.check(rm, batch, frozen):
