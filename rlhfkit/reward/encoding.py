@@ -186,7 +186,9 @@ def pack_comparisons(items: Sequence[EncodedComparison], pad_token_id: int | Non
             row += r[shared:]
             pos += range(shared, len(r))
             seg += [s] * (len(r) - shared)
-        ids.append(row), positions.append(pos), segments.append(seg)
+        ids.append(row)
+        positions.append(pos)
+        segments.append(seg)
     width = max(len(r) for r in ids)
     segment = pad(segments, -1, length=width)  # -1: padding
     index = torch.arange(width)
