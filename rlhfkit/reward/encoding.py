@@ -203,3 +203,10 @@ def pack_comparisons(items: Sequence[EncodedComparison], pad_token_id: int | Non
         "score_at": torch.tensor(score_at, dtype=torch.long).T,
     }
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+def comparisons_batch(items: Sequence[EncodedComparison], pad_token_id: int, packed: bool, device=None) -> dict[str, torch.Tensor]:
+    """The batch of `items`' rows: one packed row per comparison (`pack_comparisons`), or each row its own."""
+    if packed:
+        return pack_comparisons(items, pad_token_id, device)
+    return rows_to_batch([r for item in items for r in item.rows], pad_token_id, device=device)

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..data import Rows
-from .encoding import EncodedComparison, pack_comparisons, rows_to_batch
+from .encoding import EncodedComparison, comparisons_batch, rows_to_batch
 from .scoring import scoring_autocast
 
 log = logging.getLogger("rlhfkit.reward")
@@ -68,7 +68,8 @@ class FrozenFeatureCache:
         seen yet go through the lower blocks first (all of them in the first epoch: in this very batch)."""
         new = [item for item in micro if _key(item) not in self.features]
         if new:
-            fresh_batch = batch if len(new) == len(micro) else self._batch_of(new, batch["input_ids"].device)
+            # (padding is masked out, so 0 stands in for the pad id)
+            fresh_batch = batch if len(new) == len(micro) else comparisons_batch(new, 0, self.packed, batch["input_ids"].device)
             fresh = rm.frozen_features(**fresh_batch, split=self.split)
             row = 0
             for item in new:
@@ -81,10 +82,6 @@ class FrozenFeatureCache:
         for i, f in enumerate(rows):
             out[i, : f.shape[0]] = f
         return out.to(batch["input_ids"].device)
-
-    def _batch_of(self, items: Sequence[EncodedComparison], device) -> dict[str, torch.Tensor]:
-        # Padding ids are masked out, so 0 stands in for the pad id.
-        return pack_comparisons(items, 0, device) if self.packed else rows_to_batch([r for item in items for r in item.rows], 0, device=device)
 
     @torch.no_grad()
     def scores(self, rm, items: Sequence[EncodedComparison], pad_id: int, batch_rows: int, precision: str | None) -> list[list[float]] | None:

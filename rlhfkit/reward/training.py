@@ -40,11 +40,10 @@ from ..training import (
 from .encoding import (
     EncodedComparison,
     comparison_dataset,
+    comparisons_batch,
     encode_comparison,
     encoded_from_row,
-    pack_comparisons,
     response_scores,
-    rows_to_batch,
 )
 from .evaluation import comparison_metrics, flat_metrics
 from .folder import save_reward_model
@@ -259,10 +258,7 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
 
     def loss_fn(module, micro: list[EncodedComparison]):
         nonlocal cache
-        if cfg.share_prompt:  # one row per comparison: the prompt once, then each response
-            batch = pack_comparisons(micro, pad_id, device=accelerator.device)
-        else:
-            batch = rows_to_batch([r for e in micro for r in e.rows], pad_id, device=accelerator.device)
+        batch = comparisons_batch(micro, pad_id, cfg.share_prompt, accelerator.device)  # shared: the prompt once a comparison
         if cache is not None:
             frozen = cache.batch(rm, micro, batch)
             if not cache.checked and not cache.check(rm, batch, frozen):
