@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -123,7 +124,10 @@ def sync_model_with_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedToken
         # Exactly len(tokenizer) rows: padding the vocabulary up would add ids that are no token
         # and that sampling could pick. The new rows (the pad token) start at the mean embedding, exactly
         # (transformers' mean_resizing samples around it: two loads of one model would differ).
+        before = [e.weight.data for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None]
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        for old in before:  # copied into the grown matrices: the checkpoint's pages of them can go (see replace_data)
+            _page_out(old)
         with torch.no_grad():
             for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
                 emb.weight[old_rows:] = emb.weight[:old_rows].mean(0)
@@ -210,7 +214,7 @@ def store_frozen_linear_weights_as(model: torch.nn.Module, dtype: torch.dtype) -
         if isinstance(module, torch.nn.Linear):
             for p in (module.weight, module.bias):
                 if p is not None and not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-                    p.data = p.data.to(dtype)
+                    replace_data(p, p.data.to(dtype))
                     changed += p.numel()
     if changed:
         release_checkpoint_file(model)
@@ -218,11 +222,58 @@ def store_frozen_linear_weights_as(model: torch.nn.Module, dtype: torch.dtype) -
 
 
 def release_checkpoint_file(model: torch.nn.Module) -> None:
-    """Give every parameter memory of its own, off the checkpoint file. transformers loads safetensors weights as
-    views of the file's memory map, and one view left keeps every page of it read so far in the process: once
-    weights are replaced by bf16 copies, their fp32 pages would stay (SmolLM2-135M: 0.3 GB of RSS)."""
+    """Give every parameter that still reads the checkpoint file memory of its own. transformers loads safetensors
+    weights as views of the file's memory map, and one view left keeps every page of it read so far in the process:
+    once weights are replaced by bf16 copies, their fp32 pages would stay (SmolLM2-135M: 0.3 GB of RSS)."""
+    mapped = _file_mappings()
     for p in model.parameters():
-        p.data = p.data.clone()
+        if mapped is None or _inside(p.data, mapped):  # (where the mappings cannot be read: every parameter)
+            replace_data(p, p.data.clone())
+
+
+def replace_data(p: torch.Tensor, new: torch.Tensor) -> None:
+    """`p.data = new`, and the pages of the old values handed back to the kernel at once: where they are the
+    checkpoint file's, they would stay resident until the last view of the file goes, so a load that converts
+    or copies every weight would peak at the file's size above what it keeps (0.5 GB for SmolLM2-135M)."""
+    old = p.data
+    p.data = new
+    _page_out(old)
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (a file's clean pages are dropped; it is read again if needed)
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """If `t` lies in a mapped file, ask the kernel to reclaim the whole pages inside its bytes (no library does
+    this; elsewhere, off Linux and on older kernels nothing happens)."""
+    import ctypes
+    import mmap
+
+    if not sys.platform.startswith("linux") or not _inside(t, _file_mappings() or []):
+        return
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_PAGEOUT)
+
+
+def _file_mappings() -> list[tuple[int, int]] | None:
+    """The address ranges of this process's file mappings (/proc/self/maps), None where it cannot be read."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def _inside(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    return t.device.type == "cpu" and any(a <= t.data_ptr() < b for a, b in ranges)
 
 
 def apply_lora(

@@ -463,6 +463,21 @@ def test_cached_held_out_features_give_the_same_evaluations(tiny_model_dir, tmp_
     assert plain_rows - fast_rows >= 2 * heldout_rows, (plain_rows, fast_rows, heldout_rows)
 
 
+def test_a_single_evaluation_keeps_no_held_out_cache(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """Evaluated at the end only, the held-out rows are scored once: no cache is built for them (its memory would buy
+    nothing); evaluated more than once, it is."""
+    import logging
+
+    data = write_synthetic(tmp_path / "marker.jsonl", n=40)
+    for eval_every, eval_at_start, kept in ((0, False, False), (2, False, True), (0, True, True)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="rlhfkit.reward"):
+            cfg = tiny_config(tmp_path / f"{eval_every}{eval_at_start}", tiny_model_dir, data, max_steps=3, train_top_layers=1,
+                              eval_every=eval_every, eval_at_start=eval_at_start)  # fmt: skip
+            run_reward(cfg)
+        assert ("held-out feature cache" in caplog.text) == kept, (eval_every, eval_at_start)
+
+
 def test_max_train_comparisons_trains_on_a_seeded_sample_of_the_training_prompts(tiny_model_dir, tmp_path):
     """A sample of exactly max_train_comparisons training comparisons, the same for the same seed, another for
     another seed, never a held-out one; the held-out set does not change."""

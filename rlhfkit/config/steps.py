@@ -117,7 +117,7 @@ class RewardConfig(TrainingSettings):
     cache_eval_features: bool = True
     """With train_top_layers (not under FSDP): keep the held-out rows' output of the frozen lower blocks from the
     first evaluation, so every later evaluation runs only the top blocks. Same scores; costs held-out tokens x
-    hidden x 4 bytes of memory (logged at the start)."""
+    hidden x 4 bytes of memory (logged at the start). Not kept when the run evaluates once (at the end only)."""
 
 
 class RolloutSettings(GenerationSettings):

@@ -251,7 +251,9 @@ def run_reward(cfg: RewardConfig, stop_after: int | None = None) -> Path:
         log.info("frozen-feature cache: the output of the lower %d blocks, about %.2f GB once every row is seen", cache.split, size / 1e9)
     eval_mine = [eval_enc[i] for i in range(accelerator.process_index, len(eval_enc), accelerator.num_processes)]
     eval_cache = None  # the held-out rows' frozen features: every evaluation after the first runs the top blocks only
-    if cfg.cache_eval_features and cfg.train_top_layers and eval_mine and not uses_fsdp(accelerator):
+    # (worth its memory only if the held-out rows are scored more than once: a single evaluation at the end runs them once anyway)
+    evaluated_again = cfg.eval_at_start or 0 < cfg.eval_every < total_steps_for(plan, cfg)
+    if cfg.cache_eval_features and cfg.train_top_layers and eval_mine and evaluated_again and not uses_fsdp(accelerator):
         eval_cache = FrozenFeatureCache(len(transformer_blocks(rm.lm)) - cfg.train_top_layers, cache_tokens(eval_mine), "cache_eval_features")
         size = cache_size_bytes(eval_mine, rm.lm.config.hidden_size)
         log.info("held-out feature cache: the output of the lower %d blocks on the held-out rows, about %.2f GB", eval_cache.split, size / 1e9)

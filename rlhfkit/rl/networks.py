@@ -47,6 +47,7 @@ from ..models import (
     only_blocks,
     parameters_below_top_layers,
     release_checkpoint_file,
+    replace_data,
     store_frozen_linear_weights_as,
     sync_model_with_tokenizer,
     train_only_top_layers,
@@ -294,7 +295,7 @@ def _store_frozen_as(dtype: torch.dtype, module: torch.nn.Module) -> None:
     """Cast the frozen floating-point parameters of ``module`` to ``dtype`` in place."""
     for p in module.parameters():
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
+            replace_data(p, p.data.to(dtype))
     release_checkpoint_file(module)  # else the fp32 pages of the file, read once, stay in memory
 
 
